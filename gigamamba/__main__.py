@@ -1,0 +1,5 @@
+import sys
+
+from gigamamba.cli import main
+
+sys.exit(main())
