@@ -29,10 +29,26 @@ DEFAULTS: dict[str, Any] = {
     "store": "{run_dir}/features.zarr",
     "ingest": {},
     "ray": {"address": None, "num_cpus": None, "num_gpus": None},
-    "model": {"name": "mamba2d"},
-    "train": {},
-    "cv": {"folds": 5, "seed": 0},
-    "tracking": {"uri": None},       # None: sqlite:///{run_dir}/mlflow.db
+    "model": {"name": "mamba2d", "kwargs": {}},   # gigamamba.models.create_model(name, in_dim, n_classes, **kwargs)
+    "train": {
+        "epochs": 20, "lr": 2.0e-4, "weight_decay": 1.0e-2, "warmup_epochs": 0,
+        "batch_size": 1,             # slides per step; >1 packs padded grids through the variable-size scan
+        "accum_steps": 8,            # gradient accumulation (slides per optimizer step = batch_size x accum_steps)
+        "monitor": None,             # validation metric for early stopping / best epoch; None: auc or c_index
+        "patience": 5, "min_epochs": 5, "grad_clip": None,
+        "num_workers": 1,            # Ray Train workers (DDP ranks) per fold
+        "use_gpu": "auto",           # auto: a GPU per worker when the Ray cluster has GPUs
+        "cpus_per_worker": 1, "max_failures": 2,   # FailureConfig: restarts from the last checkpoint
+        "attention_slides": 3,       # validation slides with attention heatmaps per fold
+        "torch_threads": None, "loader_workers": 0, "find_unused_parameters": False,
+    },
+    "cv": {
+        "folds": 5, "seed": 0, "val_fraction": 0.15,
+        "splits_dir": None,          # import splits_<k>.csv instead of making splits
+        "splits_format": None,       # clam | survival (default by task)
+        "max_concurrent_folds": 1, "only_folds": None,
+    },
+    "tracking": {"uri": None, "experiment": None, "live": True},  # uri None: sqlite:///{run_dir}/mlflow.db
     # Only read when the pipeline runs on a multi-node Ray cluster (gigamamba.cluster).
     "cluster": {
         # Mount points every node sees; store, train.storage_path and run_dir must be under one of them
@@ -44,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys whose values are filesystem paths (or URIs) to resolve against the spec's folder.
-PATH_KEYS = [("cohort", "csv"), ("cohort", "slide_dir"), ("store",), ("run_dir",)]
+PATH_KEYS = [("cohort", "csv"), ("cohort", "slide_dir"), ("store",), ("run_dir",), ("cv", "splits_dir")]
 
 
 class SpecError(ValueError):
