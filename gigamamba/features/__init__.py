@@ -1,0 +1,1 @@
+"""Features: the encoder registry (timm) and the Zarr feature-grid store (`gigamamba.grid/1`)."""

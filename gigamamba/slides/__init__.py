@@ -1,0 +1,1 @@
+"""Slides: OpenSlide reading and MPP resolution, tissue detection, the global tile lattice, synthetic slides."""
