@@ -19,7 +19,8 @@ from gigamamba.spec import SpecError
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "hdfs")
 TRACKING_SCHEMES = ("http", "https")
 
-# (field as users write it, getter) for everything a run writes and later reads back.
+# (field as users write it, getter) for everything a run writes and later reads back. run_dir also holds
+# Ray Train's checkpoints (run_dir/ray_results) when train.storage_path is unset.
 STATE_FIELDS = (
     ("store", lambda spec: spec.get("store")),
     ("train.storage_path", lambda spec: (spec.get("train") or {}).get("storage_path")),
@@ -27,7 +28,7 @@ STATE_FIELDS = (
     ("tracking.artifact_location", lambda spec: (spec.get("tracking") or {}).get("artifact_location")),
 )
 # Fields that must be set on a cluster (a None would fall back to a node-local default).
-REQUIRED = ("store", "train.storage_path")
+REQUIRED = ("store", "run_dir")
 
 
 def _scheme(value: str) -> str:
