@@ -188,7 +188,9 @@ DOCKERFILE = CLUSTER / "Dockerfile"
 
 
 def _docker_instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    # Docker drops comment lines before joining continuations, even inside one instruction.
+    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines) + "\n")
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -221,6 +223,8 @@ def test_dockerfile_installs_the_project_and_builds_the_extension():
     assert "build-ext" in COMMANDS
     env = " ".join(rest for word, rest in ins if word == "ENV")
     assert "TORCH_CUDA_ARCH_LIST" in env, "without an arch list the build needs a GPU at build time"
+    # build-ext writes to TORCH_EXTENSIONS_DIR; pinned, so that the runtime user finds the build.
+    assert re.search(r"TORCH_EXTENSIONS_DIR=/\S+", env)
 
 
 def test_dockerfile_declares_pyproject_python():

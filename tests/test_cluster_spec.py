@@ -178,3 +178,37 @@ def test_ui_binds_loopback_by_default():
     ui.configure(parser)
     hosts = [a.default for a in parser._actions if "--host" in a.option_strings]
     assert hosts == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("slide_id", ["../victim", "a/../../victim", "/abs/victim", "..", "a\\..\\victim", ".zattrs", "-rf"])
+def test_slide_ids_cannot_escape_the_store(tmp_path, slide_id):
+    store_mod = pytest.importorskip("gigamamba.features.store", reason="the feature store has not landed")
+    import numpy as np
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    store = store_mod.GridStore(tmp_path / "store" / "features.zarr", mode="a")
+    with pytest.raises(store_mod.StoreError, match="slide_id"):
+        store.write_slide(slide_id, np.ones((2, 2, 4), np.float32), np.ones((2, 2), bool), {})
+    with pytest.raises(store_mod.StoreError, match="slide_id"):
+        store.remove_slide(slide_id)
+    assert (victim / "keep.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "victim"]
+
+
+def test_checkpoints_load_weights_only():
+    """Every torch.load in the package passes weights_only=True (a checkpoint is data, not code)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "gigamamba").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                if not ok:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"

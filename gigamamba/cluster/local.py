@@ -25,6 +25,7 @@ HOST = "127.0.0.1"
 # every Ray process (nodes, their workers, job drivers, and any driver given this env) stays on loopback.
 # Token auth is stated rather than left to whether ~/.ray/auth_token happens to exist: nothing here is
 # reachable from outside the machine.
+MARK_ENV = "GIGAMAMBA_LOCAL_CLUSTER"
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
@@ -104,6 +105,9 @@ class LocalCluster:
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
         env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"})
         env.update(LOOPBACK_ENV)
+        # Every process of this cluster (its workers, its job drivers) inherits this mark, which is how
+        # shutdown finds the ones that left the nodes' process groups, and how tests find a worker to kill.
+        env[MARK_ENV] = str(self.root)
         env.update(self.env)
         return env
 
@@ -242,20 +246,28 @@ class LocalCluster:
         Job drivers are started by Ray in their own session, so killing the nodes' groups misses them;
         they carry this cluster's GCS address or temp root in their environment or command line.
         """
-        marks = (f"{HOST}:{self.gcs_port}".encode(), str(self.root).encode())
-        me = os.getpid()
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def processes(self, title: str | None = None) -> list[int]:
+        """Pids of live processes that belong to this cluster, optionally only those whose command line
+        (Ray sets it to `ray::<Actor>...` for actors) contains `title`."""
+        marks = (f"{MARK_ENV}={self.root}".encode(), f"{HOST}:{self.gcs_port}".encode(), str(self.root).encode())
+        me, out = os.getpid(), []
         for pid_dir in Path("/proc").iterdir():
             if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
                 continue
             try:
-                blob = (pid_dir / "cmdline").read_bytes() + (pid_dir / "environ").read_bytes()
+                cmdline = (pid_dir / "cmdline").read_bytes()
+                blob = cmdline + (pid_dir / "environ").read_bytes()
             except OSError:
                 continue
-            if any(m in blob for m in marks):
-                try:
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
-                except OSError:
-                    pass
+            if any(m in blob for m in marks) and (title is None or title.encode() in cmdline):
+                out.append(int(pid_dir.name))
+        return out
 
 
 def _start_worker_node(argv: list[str]) -> None:
