@@ -27,7 +27,13 @@ DEFAULTS: dict[str, Any] = {
     "tiling": {"patch_px": 256, "target_mpp": 0.5, "tissue_threshold": 0.25},
     "encoder": {"name": "resnet50-trunc", "weights": "imagenet", "batch_size": 64, "input_px": 224},
     "store": "{run_dir}/features.zarr",
-    "ingest": {},
+    "ingest": {                      # gigamamba.ingest.pipeline (Ray Data)
+        "tiles_per_task": 32,        # tiles one read+decode task handles
+        "embed_actors": None,        # encoder actor pool size; None: one per GPU, else CPUs // 4 (at least 1)
+        "cpus_per_actor": 1,         # CPU-only clusters: Ray CPUs (= torch threads) per encoder actor
+        "read_cpus": 1,              # Ray CPUs per read task
+        "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)
+    },
     "ray": {"address": None, "num_cpus": None, "num_gpus": None},
     "model": {"name": "mamba2d", "kwargs": {}},   # gigamamba.models.create_model(name, in_dim, n_classes, **kwargs)
     "train": {

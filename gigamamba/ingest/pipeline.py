@@ -146,11 +146,14 @@ class _Progress:
               file=sys.stderr, flush=True)
 
 
-def _ensure_ray(address: str | None):
+def _ensure_ray(cfg: dict):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        kw = {}
+        if not cfg.get("address"):  # resource caps only make sense for a Ray we start ourselves
+            kw = {k: cfg[k] for k in ("num_cpus", "num_gpus") if cfg.get(k) is not None}
+        ray.init(address=cfg.get("address"), include_dashboard=False, log_to_driver=False, **kw)
     return ray
 
 
@@ -221,7 +224,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
             if on_slide:
                 on_slide(row)
 
-    ray = _ensure_ray((spec.get("ray") or {}).get("address"))
+    ray = _ensure_ray(spec.get("ray") or {})
     ray.data.DataContext.get_current().enable_progress_bars = False
     if todo and progress:
         print(f"[embed] {len(todo)} slide(s) to embed, {len(kept)} already complete, {len(rejected)} rejected; "
