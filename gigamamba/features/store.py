@@ -189,8 +189,6 @@ class GridStore:
         schema (status is set here). The status "complete" is written only after both arrays are on
         disk, so a crash at any point leaves the slide visibly incomplete, never complete and partial.
         """
-        import zarr
-
         self._require_write()
         sid = check_slide_id(slide_id)
         features = np.asarray(features)
@@ -203,13 +201,18 @@ class GridStore:
                        "status": "writing"})
         group = self._root.create_group(sid, attributes=meta)
         chunks = (max(1, min(h, CHUNK_CELLS)), max(1, min(w, CHUNK_CELLS)), d)
-        feats = group.create_array("features", shape=(h, w, d), chunks=chunks, dtype="float16", fill_value=0,
-                                   compressors=zarr.codecs.ZstdCodec(level=3), dimension_names=["y", "x", "c"])
-        feats[...] = np.where(mask[..., None], features, 0).astype(np.float16)
-        marr = group.create_array("mask", shape=(h, w), chunks=chunks[:2], dtype="bool", fill_value=False,
-                                  compressors=zarr.codecs.ZstdCodec(level=3), dimension_names=["y", "x"])
-        marr[...] = mask
+        self._write_array(group, "features", np.where(mask[..., None], features, 0).astype(np.float16), chunks,
+                          ["y", "x", "c"])
+        self._write_array(group, "mask", mask, chunks[:2], ["y", "x"])
         group.attrs.update({"status": COMPLETE})
+
+    @staticmethod
+    def _write_array(group, name: str, data: np.ndarray, chunks: tuple, dims: list[str]) -> None:
+        import zarr
+
+        arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, fill_value=0,
+                                 compressors=zarr.codecs.ZstdCodec(level=3), dimension_names=dims)
+        arr[...] = data
 
     # ------------------------------------------------------------------ manifest
     def manifest(self) -> "pd.DataFrame":  # noqa: F821

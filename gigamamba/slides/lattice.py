@@ -38,13 +38,13 @@ class Lattice:
 
     def cell_to_level0(self, i, j):
         """Level-0 (x, y) of the top-left corner of cell(s) (i, j); floats, vectorised."""
-        x0, y0 = self.origin_level0
-        return x0 + np.asarray(j) * self.stride, y0 + np.asarray(i) * self.stride
+        return (self.j0 + np.asarray(j)) * self.stride, (self.i0 + np.asarray(i)) * self.stride
 
     def level0_to_cell(self, x, y):
         """Grid cell (i, j) holding level-0 point(s) (x, y); may fall outside the grid."""
-        j = np.floor(np.asarray(x, dtype=np.float64) / self.stride).astype(np.int64) - self.j0
-        i = np.floor(np.asarray(y, dtype=np.float64) / self.stride).astype(np.int64) - self.i0
+        # The epsilon absorbs float rounding of a corner computed as (j0 + j) * stride.
+        j = np.floor(np.asarray(x, dtype=np.float64) / self.stride + 1e-9).astype(np.int64) - self.j0
+        i = np.floor(np.asarray(y, dtype=np.float64) / self.stride + 1e-9).astype(np.int64) - self.i0
         return i, j
 
     def attrs(self) -> dict:

@@ -315,3 +315,33 @@ def write_synthetic_cohort(out_dir: str | Path, task: str = "classification", n_
         writer.writeheader()
         writer.writerows(rows)
     return csv_path
+
+
+# ----------------------------------------------------------------------------- broken slides (for tests)
+
+def corrupt_tile(path: str | Path, x: int, y: int) -> tuple[int, int]:
+    """Overwrite the level-0 JPEG tile holding level-0 pixel (x, y) with zeros, in place.
+
+    Reading that tile then fails inside OpenSlide ("Not a JPEG file"), as a damaged scan would, while
+    the slide still opens and its lower levels (the thumbnail) stay readable. Returns the tile's
+    level-0 top-left corner.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        k = (y // th) * across + (x // tw)
+        offset, count = page.dataoffsets[k], page.databytecounts[k]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00" * min(count, 256))
+    return (x // tw) * tw, (y // th) * th
+
+
+def truncate_file(path: str | Path, fraction: float = 0.5) -> None:
+    """Cut a file to `fraction` of its bytes, like an interrupted copy."""
+    path = Path(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * fraction))

@@ -1,0 +1,57 @@
+"""Encoder registry over timm: CLAM's truncated ResNet-50, any timm name, weights files, determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+from gigamamba.features.encoders import EncoderError, create_encoder, list_encoders, sha256_file
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+
+
+def test_resnet50_trunc_is_layer3_pooled_1024d(tiles):
+    enc = create_encoder("resnet50-trunc", weights="random", input_px=48, device="cpu")
+    assert "resnet50-trunc" in list_encoders()
+    info = enc.info()
+    assert info["dim"] == 1024 and info["name"] == "resnet50-trunc" and info["weights"] == "random"
+    assert info["mean"] == pytest.approx([0.485, 0.456, 0.406]) and info["std"] == pytest.approx([0.229, 0.224, 0.225])
+    out = enc.embed(tiles)
+    assert out.shape == (3, 1024) and out.dtype == np.float32 and np.isfinite(out).all()
+    assert not hasattr(enc.model.layer4, "weight") and len(list(enc.model.layer4.parameters())) == 0
+
+
+def test_any_timm_name_and_random_weights_are_identical_everywhere(tiles):
+    a = create_encoder("test_resnet", weights="random", input_px=32, device="cpu")
+    b = create_encoder("test_resnet", weights="random", input_px=32, device="cpu")
+    fa, fb = a.embed(tiles), b.embed(tiles)
+    assert fa.shape == (3, a.dim) and a.dim == a.model.num_features
+    np.testing.assert_array_equal(fa, fb)  # every Ray actor builds the same "random" encoder
+    assert not np.allclose(fa[0], fa[1])   # and it does look at the pixels (resized to input_px)
+
+
+def test_weights_file_is_loaded_and_its_sha256_recorded(tmp_path, tiles):
+    src = create_encoder("test_resnet", weights="random", input_px=32, device="cpu")
+    with torch.no_grad():
+        for p in src.model.parameters():
+            p.mul_(0.5)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": src.model.state_dict()}, path)
+    enc = create_encoder("test_resnet", weights=str(path), input_px=32, device="cpu")
+    assert enc.info()["weights_sha256"] == sha256_file(path) and len(sha256_file(path)) == 64
+    np.testing.assert_allclose(enc.embed(tiles), src.embed(tiles), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(enc.embed(tiles), create_encoder("test_resnet", "random", 32, "cpu").embed(tiles))
+
+
+def test_bad_names_and_weights_fail_clearly(tmp_path):
+    with pytest.raises(EncoderError, match="unknown encoder"):
+        create_encoder("no-such-net", weights="random", device="cpu")
+    with pytest.raises(EncoderError, match="neither"):
+        create_encoder("test_resnet", weights=str(tmp_path / "missing.pth"), device="cpu")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    with pytest.raises(EncoderError, match="lacks"):
+        create_encoder("test_resnet", weights=str(wrong), device="cpu")
