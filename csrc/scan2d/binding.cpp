@@ -1,0 +1,214 @@
+// Torch binding: argument checks, buffers, and the order of the passes. The kernels are in scan2d_*.cu.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "scan2d.h"
+
+using torch::Tensor;
+using scan2d::Params;
+
+namespace {
+
+int dtype_code(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, "scan2d: u must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return 0;
+}
+
+void check_like(const Tensor& t, const Tensor& u, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == u.device(), "scan2d: ", name, " must be on ", u.device());
+  TORCH_CHECK(t.sizes() == u.sizes(), "scan2d: ", name, " must have shape ", u.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == u.scalar_type(), "scan2d: ", name, " must have dtype ", u.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "scan2d: ", name, " must be contiguous");
+}
+
+void check_f32(const Tensor& t, const Tensor& u, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == u.device(), "scan2d: ", name, " must be on ", u.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "scan2d: ", name, " must be float32");
+  TORCH_CHECK(t.is_contiguous(), "scan2d: ", name, " must be contiguous");
+}
+
+Params make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                   const c10::optional<Tensor>& Dv, const c10::optional<Tensor>& z,
+                   const c10::optional<Tensor>& dbias, bool softplus, const c10::optional<Tensor>& sizes) {
+  TORCH_CHECK(u.is_cuda() && u.dim() == 4 && u.is_contiguous(), "scan2d: u must be a contiguous CUDA (B, D, H, W)");
+  dtype_code(u);
+  check_like(delta, u, "delta");
+  Params p{};
+  p.Bsz = u.size(0);
+  p.D = u.size(1);
+  p.H = u.size(2);
+  p.W = u.size(3);
+  check_f32(A, u, "A");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == p.D, "scan2d: A must be (D, N)");
+  p.N = A.size(1);
+  check_f32(Bm, u, "B");
+  check_f32(Cm, u, "C");
+  TORCH_CHECK(Bm.dim() == 5 && Bm.size(0) == p.Bsz && Bm.size(2) == p.N && Bm.size(3) == p.H && Bm.size(4) == p.W,
+              "scan2d: B must be (B, G, N, H, W)");
+  TORCH_CHECK(Cm.sizes() == Bm.sizes(), "scan2d: C must have B's shape");
+  p.G = Bm.size(1);
+  TORCH_CHECK(p.G >= 1 && p.D % p.G == 0, "scan2d: D must be a multiple of the number of groups");
+  p.Dg = p.D / p.G;
+  p.TR = (p.H + scan2d::TS - 1) / scan2d::TS;
+  p.TC = (p.W + scan2d::TS - 1) / scan2d::TS;
+  p.CPG = (p.Dg + scan2d::WPB - 1) / scan2d::WPB;
+  p.softplus = softplus;
+  p.u = u.data_ptr();
+  p.delta = delta.data_ptr();
+  p.A = A.data_ptr<float>();
+  p.Bm = Bm.data_ptr<float>();
+  p.Cm = Cm.data_ptr<float>();
+  if (Dv.has_value()) {
+    check_f32(*Dv, u, "D");
+    TORCH_CHECK(Dv->numel() == p.D, "scan2d: D must have D elements");
+    p.Dv = Dv->data_ptr<float>();
+  }
+  if (dbias.has_value()) {
+    check_f32(*dbias, u, "delta_bias");
+    TORCH_CHECK(dbias->numel() == p.D, "scan2d: delta_bias must have D elements");
+    p.dbias = dbias->data_ptr<float>();
+  }
+  if (z.has_value()) {
+    check_like(*z, u, "z");
+    p.z = z->data_ptr();
+  }
+  if (sizes.has_value()) {
+    TORCH_CHECK(sizes->is_cuda() && sizes->scalar_type() == at::kInt && sizes->is_contiguous() &&
+                    sizes->dim() == 2 && sizes->size(0) == p.Bsz && sizes->size(1) == 2,
+                "scan2d: sizes must be a contiguous int32 CUDA (B, 2)");
+    p.sizes = sizes->data_ptr<int>();
+  }
+  return p;
+}
+
+// Carries of the forward scan into every tile: rows (aggregate pass + short scan), then columns, which
+// need the row carries. A carry tensor that is already defined is kept as it is.
+void forward_carries(Params& p, int dt, cudaStream_t st, const Tensor& u, Tensor& rowc, Tensor& colc) {
+  auto f32 = u.options().dtype(at::kFloat);
+  int64_t BD = (int64_t)p.Bsz * p.D;
+  Tensor rows = torch::empty({BD, p.TC, p.H}, f32);
+  Tensor cols = torch::empty({BD, p.TR, p.W}, f32);
+  p.rows = rows.data_ptr<float>();
+  p.cols = cols.data_ptr<float>();
+  if (!rowc.defined()) {
+    rowc = torch::empty({BD, p.N, p.TC, p.H}, f32);
+    p.rowc = rowc.data_ptr<float>();
+    scan2d::launch_fwd_tiles(p, 0, dt, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scan2d::launch_carry_scan(p.rowc, p.rows, p.A, BD, p.N, p.D, p.TC, p.H, false, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  p.rowc = rowc.data_ptr<float>();
+  if (!colc.defined()) {
+    colc = torch::empty({BD, p.N, p.TR, p.W}, f32);
+    p.colc = colc.data_ptr<float>();
+    scan2d::launch_fwd_tiles(p, 1, dt, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scan2d::launch_carry_scan(p.colc, p.cols, p.A, BD, p.N, p.D, p.TR, p.W, false, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  p.colc = colc.data_ptr<float>();
+}
+
+}  // namespace
+
+// Returns (out, row carries, column carries); keep: bit 0 keeps the row carries, bit 1 the column carries
+// (undefined tensors otherwise).
+std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tensor Cm, c10::optional<Tensor> Dv,
+                               c10::optional<Tensor> z, c10::optional<Tensor> dbias, bool softplus,
+                               c10::optional<Tensor> sizes, int64_t keep) {
+  Params p = make_params(u, delta, A, Bm, Cm, Dv, z, dbias, softplus, sizes);
+  c10::cuda::CUDAGuard guard(u.device());
+  cudaStream_t st = c10::cuda::getCurrentCUDAStream();
+  int dt = dtype_code(u);
+  Tensor out = torch::empty_like(u);
+  if (u.numel() == 0) return {out, Tensor(), Tensor()};
+  Tensor rowc, colc;
+  forward_carries(p, dt, st, u, rowc, colc);
+  p.out = out.data_ptr();
+  scan2d::launch_fwd_tiles(p, 2, dt, st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, (keep & 1) ? rowc : Tensor(), (keep & 2) ? colc : Tensor()};
+}
+
+// Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); dB/dC are fp32 (B, G, N, H, W), dz undefined without z.
+std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tensor Cm, c10::optional<Tensor> Dv,
+                               c10::optional<Tensor> z, c10::optional<Tensor> dbias, bool softplus,
+                               c10::optional<Tensor> sizes, Tensor dout, c10::optional<Tensor> rowc_saved,
+                               c10::optional<Tensor> colc_saved, int64_t target_blocks) {
+  Params p = make_params(u, delta, A, Bm, Cm, Dv, z, dbias, softplus, sizes);
+  check_like(dout, u, "dout");
+  c10::cuda::CUDAGuard guard(u.device());
+  cudaStream_t st = c10::cuda::getCurrentCUDAStream();
+  int dt = dtype_code(u);
+  auto f32 = u.options().dtype(at::kFloat);
+  int64_t BD = (int64_t)p.Bsz * p.D;
+  Tensor du = torch::empty_like(u), ddelta = torch::empty_like(u);
+  Tensor dz = z.has_value() ? torch::empty_like(u) : Tensor();
+  Tensor dB = torch::zeros(Bm.sizes(), f32), dC = torch::zeros(Bm.sizes(), f32);
+  Tensor dA = torch::zeros({p.D, p.N}, f32), dD = torch::zeros({p.D}, f32), ddb = torch::zeros({p.D}, f32);
+  if (u.numel() == 0) {
+    if (z.has_value()) dz.zero_();
+    return {du, ddelta, dA, dB, dC, dD, dz, ddb};
+  }
+
+  Tensor rowc = rowc_saved.has_value() ? *rowc_saved : Tensor();
+  Tensor colc = colc_saved.has_value() ? *colc_saved : Tensor();
+  for (const Tensor* c : {&rowc, &colc})
+    if (c->defined()) check_f32(*c, u, "saved carries");
+  forward_carries(p, dt, st, u, rowc, colc);  // recomputes whichever carries forward did not keep
+  p.dout = dout.data_ptr();
+  if (z.has_value()) p.dz = dz.data_ptr();
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+
+  Tensor rrowc = torch::empty({BD, p.N, p.TC, p.H}, f32), rrows = torch::empty({BD, p.TC, p.H}, f32);
+  Tensor rcolc = torch::empty({BD, p.N, p.TR, p.W}, f32), rcols = torch::empty({BD, p.TR, p.W}, f32);
+  p.rrowc = rrowc.data_ptr<float>();
+  p.rrows = rrows.data_ptr<float>();
+  p.rcolc = rcolc.data_ptr<float>();
+  p.rcols = rcols.data_ptr<float>();
+  scan2d::launch_bwd_agg(p, 0, dt, st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scan2d::launch_carry_scan(p.rcolc, p.rcols, p.A, BD, p.N, p.D, p.TR, p.W, true, st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scan2d::launch_bwd_agg(p, 1, dt, st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scan2d::launch_carry_scan(p.rrowc, p.rrows, p.A, BD, p.N, p.D, p.TC, p.H, true, st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Channel chunks for the dB/dC partials: enough blocks to fill the GPU, few partials to sum.
+  int64_t ntiles = (int64_t)p.TR * p.TC;
+  int rounds = (p.Dg + scan2d::WPB - 1) / scan2d::WPB;
+  int64_t base = (int64_t)p.Bsz * p.G * ntiles;
+  int K = (int)std::min<int64_t>(rounds, std::max<int64_t>(1, (target_blocks + base - 1) / base));
+  p.RPC = (rounds + K - 1) / K;
+  p.K = (rounds + p.RPC - 1) / p.RPC;
+  Tensor dBp = torch::empty({p.K, p.Bsz, p.G, p.N, p.H, p.W}, f32);
+  Tensor dCp = torch::empty({p.K, p.Bsz, p.G, p.N, p.H, p.W}, f32);
+  Tensor dAp = torch::empty({p.Bsz * ntiles, p.D, p.N}, f32);
+  Tensor dDp = torch::empty({p.Bsz * ntiles, p.D}, f32), dbp = torch::empty({p.Bsz * ntiles, p.D}, f32);
+  p.dBp = dBp.data_ptr<float>();
+  p.dCp = dCp.data_ptr<float>();
+  p.dAp = dAp.data_ptr<float>();
+  p.dDp = dDp.data_ptr<float>();
+  p.dbp = dbp.data_ptr<float>();
+  scan2d::launch_bwd_final(p, dt, st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scan2d::launch_reduce(p, dA.data_ptr<float>(), dD.data_ptr<float>(), ddb.data_ptr<float>(), dB.data_ptr<float>(),
+                        dC.data_ptr<float>(), st);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {du, ddelta, dA, dB, dC, dD, dz, ddb};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &scan2d_fwd, "2D selective scan forward (out, row carries, column carries)");
+  m.def("bwd", &scan2d_bwd, "2D selective scan backward");
+}

@@ -1,0 +1,98 @@
+// 2D selective scan (2DMamba), CUDA. Maths: shared/DESIGN.md and csrc/scan2d/NOTES.md.
+//
+// Layout: u, delta, z, dout: (B, D, H, W) of T (float, half, bfloat16); A: (D, N) fp32;
+// Bm, Cm: (B, G, N, H, W) fp32 (the Python side upcasts them: they are N/D the size of u).
+//
+// Work unit: one warp = one channel on one 32x32 tile, looping over the N states; a block holds
+// WPB warps = WPB channels of one group on the same tile, so each B_n / C_n tile is staged in
+// shared memory once per block and read by all its warps.
+// Tiles meet through carries: hh at the tile's left edge per (row, n), h at its top edge per
+// (column, n). Those are found by "aggregate" passes plus a short scan across tiles (carry_scan).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace scan2d {
+
+constexpr int TS = 32;          // tile side, rows and columns (= warp size)
+constexpr int LD = TS + 1;      // padded shared-memory row: row- and column-wise walks are conflict-free
+constexpr int TILE = TS * LD;   // floats in one shared tile
+constexpr int WPB = 4;          // warps (channels) per block
+constexpr float LOG2E = 1.4426950408889634f;
+
+struct Params {
+  int Bsz, D, N, H, W, G, Dg;   // Dg = channels per group
+  int TR, TC;                   // tile rows, tile columns
+  int CPG;                      // channel chunks (of WPB) per group: forward-style launches
+  int K, RPC;                   // final backward: chunks per group, rounds (of WPB channels) per chunk
+  bool softplus;
+  const void *u, *delta, *z, *dout;
+  const float *A, *Bm, *Cm, *Dv, *dbias;
+  const int *sizes;             // (B, 2) int32 or null
+  float *rowc, *rows;           // forward row carries [BD][N][TC][H], row sums of delta [BD][TC][H]
+  float *colc, *cols;           // forward column carries [BD][N][TR][W], column sums [BD][TR][W]
+  float *rrowc, *rcolc;         // reverse (adjoint) carries, same layouts
+  float *rrows, *rcols;         // sums of delta for the reverse scans
+  void *out;
+  void *du, *ddelta, *dz;
+  float *dBp, *dCp;             // partials [K][B][G][N][H][W]
+  float *dAp;                   // [B*TR*TC][D][N]
+  float *dDp, *dbp;             // [B*TR*TC][D]
+};
+
+#ifdef __CUDACC__  // device helpers; binding.cpp (host compiler) sees only Params and the launchers
+__device__ __forceinline__ float tof(float x) { return x; }
+__device__ __forceinline__ float tof(__half x) { return __half2float(x); }
+__device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T fromf(float x);
+template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Same threshold as torch.nn.functional.softplus (beta=1, threshold=20).
+__device__ __forceinline__ float softplus_f(float v) { return v <= 20.f ? log1pf(expf(v)) : v; }
+__device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + expf(-v)); }
+
+// The real extent of sample b: cells outside it are padding (inputs read as 0 there).
+__device__ __forceinline__ void sample_extent(const Params& p, int b, int& hb, int& wb) {
+  hb = p.H;
+  wb = p.W;
+  if (p.sizes) {
+    hb = max(0, min(p.sizes[2 * b], p.H));
+    wb = max(0, min(p.sizes[2 * b + 1], p.W));
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  // xor butterfly: a fixed pattern, so the result is the same on every run
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide staging of a 32x32 tile of B or C (fp32), zero outside the sample.
+__device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* dst, int i0, int j0, int hb, int wb,
+                                         int W) {
+  for (int e = threadIdx.x; e < TS * TS; e += blockDim.x) {
+    int r = e >> 5, c = e & 31;
+    int i = i0 + r, j = j0 + c;
+    dst[r * LD + c] = (i < hb && j < wb) ? __ldg(src + (int64_t)i * W + j) : 0.f;
+  }
+}
+
+#endif  // __CUDACC__
+
+// Kernel launchers (defined in scan2d_fwd.cu / scan2d_bwd.cu); dtype: 0 float, 1 half, 2 bfloat16.
+void launch_fwd_tiles(const Params& p, int mode, int dtype, cudaStream_t st);
+void launch_carry_scan(float* loc, const float* S, const float* A, int BD, int N, int D, int T, int lines,
+                       bool reverse, cudaStream_t st);
+void launch_bwd_agg(const Params& p, int mode, int dtype, cudaStream_t st);
+void launch_bwd_final(const Params& p, int dtype, cudaStream_t st);
+void launch_reduce(const Params& p, float* dA, float* dD, float* ddb, float* dB, float* dC, cudaStream_t st);
+
+}  // namespace scan2d

@@ -1,0 +1,388 @@
+// Backward: the adjoint is the same scan reversed (vertical bottom->top, then horizontal right->left):
+//   g[i,j] = C dy + a[i+1,j] g[i+1,j],   q[i,j] = g[i,j] + a[i,j+1] q[i,j+1]
+// A reverse carry is the already-decayed value a*g (or a*q) of the first cell past the tile's edge.
+#include "scan2d.h"
+
+namespace scan2d {
+
+// Stage one channel's delta (after bias/softplus) and dy = dout * silu(z) into two per-warp tiles.
+template <typename T>
+__device__ __forceinline__ void stage_delta_dy(const Params& p, int64_t plane, int d, int i0, int j0, int hb, int wb,
+                                               int lane, float* Td, float* Ty, float* Tu) {
+  const T* dp = (const T*)p.delta + plane;
+  const T* gp = (const T*)p.dout + plane;
+  const T* zp = p.z ? (const T*)p.z + plane : nullptr;
+  const T* up = (const T*)p.u + plane;
+  const float bias = p.dbias ? p.dbias[d] : 0.f;
+  for (int r = 0; r < TS; ++r) {
+    int i = i0 + r, j = j0 + lane;
+    float dv = 0.f, dy = 0.f, uv = 0.f;
+    if (i < hb && j < wb) {
+      int64_t o = (int64_t)i * p.W + j;
+      dv = tof(dp[o]) + bias;
+      if (p.softplus) dv = softplus_f(dv);
+      dy = tof(gp[o]);
+      if (zp) {
+        float zv = tof(zp[o]);
+        dy *= zv * sigmoid_f(zv);
+      }
+      if (Tu) uv = tof(up[o]);
+    }
+    Td[r * LD + lane] = dv;
+    Ty[r * LD + lane] = dy;
+    if (Tu) Tu[r * LD + lane] = uv;
+  }
+}
+
+// MODE 0: column aggregates of the reverse vertical scan (a*g at the tile's top row, from 0 below).
+// MODE 1: row aggregates of the reverse horizontal scan over the true g (needs the column carries).
+template <typename T, int MODE>
+__global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
+  extern __shared__ float sm[];
+  float* Cs = sm;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* Td = sm + TILE + warp * 4 * TILE;  // delta
+  float* Ty = Td + TILE;                    // dy
+  float* Ta = Ty + TILE;                    // a
+  float* Tg = Ta + TILE;                    // g
+
+  const int chunks = p.G * p.CPG, ntiles = p.TR * p.TC;
+  const int gc = blockIdx.x % chunks;
+  const int tile = (blockIdx.x / chunks) % ntiles;
+  const int b = blockIdx.x / chunks / ntiles;
+  const int g = gc / p.CPG;
+  const int cig = (gc % p.CPG) * WPB + warp;
+  const bool valid = cig < p.Dg;
+  const int d = g * p.Dg + (valid ? cig : 0);
+  const int s = tile / p.TC, t = tile % p.TC;
+  const int i0 = s * TS, j0 = t * TS;
+  const int H = p.H, W = p.W, N = p.N;
+  int hb, wb;
+  sample_extent(p, b, hb, wb);
+  const int64_t bd = (int64_t)b * p.D + d;
+
+  if (valid) {
+    stage_delta_dy<T>(p, bd * H * W, d, i0, j0, hb, wb, lane, Td, Ty, nullptr);
+    __syncwarp();
+    if (MODE == 0 && j0 + lane < W) {
+      float cs = 0.f;
+      for (int r = 0; r < TS; ++r) cs += Td[r * LD + lane];
+      p.rcols[(bd * p.TR + s) * W + j0 + lane] = cs;
+    }
+    if (MODE == 1 && i0 + lane < H) {
+      float rs = 0.f;
+      for (int j = 0; j < TS; ++j) rs += Td[lane * LD + j];
+      p.rrows[(bd * p.TC + t) * H + i0 + lane] = rs;
+    }
+  }
+  const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * H * W;
+  for (int n = 0; n < N; ++n) {
+    __syncthreads();
+    stage_bc(Cbase + (int64_t)n * H * W, Cs, i0, j0, hb, wb, W);
+    __syncthreads();
+    if (!valid) continue;
+    const float A2 = p.A[d * N + n] * LOG2E;
+    const int64_t bdn = bd * N + n;
+    const int64_t ci = (bdn * p.TR + s) * W + j0 + lane;
+    float gcar = 0.f;
+    if (MODE == 1 && j0 + lane < W) gcar = p.rcolc[ci];
+#pragma unroll
+    for (int r = TS - 1; r >= 0; --r) {
+      float a = exp2f(Td[r * LD + lane] * A2);
+      float gv = fmaf(Cs[r * LD + lane], Ty[r * LD + lane], gcar);
+      if (MODE == 1) {
+        Ta[r * LD + lane] = a;
+        Tg[r * LD + lane] = gv;
+      }
+      gcar = a * gv;
+    }
+    if (MODE == 0) {
+      if (j0 + lane < W) p.rcolc[ci] = gcar;
+      continue;
+    }
+    __syncwarp();
+    float qc = 0.f;
+#pragma unroll
+    for (int j = TS - 1; j >= 0; --j) {
+      float q = Tg[lane * LD + j] + qc;
+      qc = Ta[lane * LD + j] * q;
+    }
+    if (i0 + lane < H) p.rrowc[(bdn * p.TC + t) * H + i0 + lane] = qc;
+    __syncwarp();
+  }
+}
+
+// The final backward pass: per tile, recompute h and hh from the forward carries, run the adjoint
+// from the reverse carries, and form every gradient. dB/dC are summed over the block's channels in a
+// fixed order into the partial of its channel chunk k (no atomics); dA/dD/ddelta_bias go to per-tile
+// partials. A block = (b, tile, group, chunk k), its warps walk the chunk in rounds of WPB channels.
+template <typename T>
+__global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
+  extern __shared__ float sm[];
+  float* Bs = sm;
+  float* Cs = sm + TILE;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* TY = sm + 2 * TILE;  // dy of each warp: TY + w * 5 * TILE
+  float* Ty = TY + warp * 5 * TILE;
+  float* Ta = Ty + TILE;   // a (delta at staging)
+  float* Th = Ta + TILE;   // hh (u at staging); then the dB contribution q*delta*u
+  float* Tv = Th + TILE;   // h; then g
+  float* Tw = Tv + TILE;   // g * h[i-1, j]
+
+  const int ntiles = p.TR * p.TC;
+  const int k = blockIdx.x % p.K;
+  const int g = (blockIdx.x / p.K) % p.G;
+  const int tile = (blockIdx.x / p.K / p.G) % ntiles;
+  const int b = blockIdx.x / p.K / p.G / ntiles;
+  const int s = tile / p.TC, t = tile % p.TC;
+  const int i0 = s * TS, j0 = t * TS;
+  const int H = p.H, W = p.W, N = p.N;
+  int hb, wb;
+  sample_extent(p, b, hb, wb);
+  const int64_t HW = (int64_t)H * W;
+  const float* Bbase = p.Bm + ((int64_t)b * p.G + g) * N * HW;
+  const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * HW;
+  const int64_t pbase = (((int64_t)k * p.Bsz + b) * p.G + g) * N * HW;  // partial of (k, b, g)
+
+  for (int rr = 0; rr < p.RPC; ++rr) {
+    const int first = (k * p.RPC + rr) * WPB;  // first channel (in group) of this round
+    if (first >= p.Dg) break;                  // uniform over the block
+    const int nvalid = min(WPB, p.Dg - first);
+    const bool valid = warp < nvalid;
+    const int d = g * p.Dg + first + (valid ? warp : 0);
+    const int64_t bd = (int64_t)b * p.D + d;
+    const int64_t plane = bd * HW;
+    const float Dd = p.Dv ? p.Dv[d] : 0.f;
+
+    float dl[TS], ul[TS], gu[TS], gd[TS], y[TS];
+    float dD_acc = 0.f;
+    if (valid) {
+      stage_delta_dy<T>(p, plane, d, i0, j0, hb, wb, lane, Ta, Ty, Th);
+      __syncwarp();
+#pragma unroll
+      for (int r = 0; r < TS; ++r) dD_acc = fmaf(Ty[r * LD + lane], Th[r * LD + lane], dD_acc);
+#pragma unroll
+      for (int j = 0; j < TS; ++j) {
+        dl[j] = Ta[lane * LD + j];
+        ul[j] = Th[lane * LD + j];
+        gu[j] = 0.f;
+        gd[j] = 0.f;
+        y[j] = 0.f;
+      }
+      __syncwarp();
+    }
+
+    for (int n = 0; n < N; ++n) {
+      __syncthreads();
+      stage_bc(Bbase + (int64_t)n * HW, Bs, i0, j0, hb, wb, W);
+      stage_bc(Cbase + (int64_t)n * HW, Cs, i0, j0, hb, wb, W);
+      __syncthreads();
+      const int64_t bdn = bd * N + n;
+      const int64_t ri = (bdn * p.TC + t) * H + i0 + lane;
+      const int64_t ci = (bdn * p.TR + s) * W + j0 + lane;
+      const float An = p.A[d * N + n];
+      const float A2 = An * LOG2E;
+      float hh_in = 0.f, h_in = 0.f;
+      if (valid) {
+        // forward, horizontal (lane = row)
+        if (i0 + lane < H) hh_in = p.rowc[ri];
+        float hh = hh_in;
+#pragma unroll
+        for (int j = 0; j < TS; ++j) {
+          float a = exp2f(dl[j] * A2);
+          hh = fmaf(a, hh, dl[j] * ul[j] * Bs[lane * LD + j]);
+          Ta[lane * LD + j] = a;
+          Th[lane * LD + j] = hh;
+        }
+        __syncwarp();
+        // forward, vertical (lane = column)
+        if (j0 + lane < W) h_in = p.colc[ci];
+        float h = h_in;
+#pragma unroll
+        for (int r = 0; r < TS; ++r) {
+          h = fmaf(Ta[r * LD + lane], h, Th[r * LD + lane]);
+          y[r] = fmaf(Cs[r * LD + lane], h, y[r]);
+          Tv[r * LD + lane] = h;
+        }
+      }
+      __syncthreads();
+      // dC[n] += sum over this round's channels of dy * h, in warp order
+      for (int e = threadIdx.x; e < TS * TS; e += blockDim.x) {
+        int r = e >> 5, c = e & 31;
+        int i = i0 + r, j = j0 + c;
+        if (i < H && j < W) {
+          float acc = 0.f;
+          for (int w = 0; w < nvalid; ++w) {
+            const float* base = TY + w * 5 * TILE;
+            acc = fmaf(base[r * LD + c], base[3 * TILE + r * LD + c], acc);
+          }
+          float* dst = p.dCp + pbase + (int64_t)n * HW + (int64_t)i * W + j;
+          *dst = rr == 0 ? acc : *dst + acc;
+        }
+      }
+      __syncthreads();
+      if (valid) {
+        // adjoint, vertical (lane = column, bottom -> top); g overwrites h, which row r+1 has used
+        float gcar = 0.f;
+        if (j0 + lane < W) gcar = p.rcolc[ci];
+#pragma unroll
+        for (int r = TS - 1; r >= 0; --r) {
+          float hprev = r > 0 ? Tv[(r - 1) * LD + lane] : h_in;
+          float gv = fmaf(Cs[r * LD + lane], Ty[r * LD + lane], gcar);
+          Tw[r * LD + lane] = gv * hprev;
+          Tv[r * LD + lane] = gv;
+          gcar = Ta[r * LD + lane] * gv;
+        }
+        __syncwarp();
+        // adjoint, horizontal (lane = row, right -> left); q*delta*u overwrites hh, which column j+1 has used
+        float qc = 0.f;
+        if (i0 + lane < H) qc = p.rrowc[ri];
+        float dA_acc = 0.f;
+#pragma unroll
+        for (int j = TS - 1; j >= 0; --j) {
+          float a = Ta[lane * LD + j];
+          float q = Tv[lane * LD + j] + qc;
+          float hhp = j > 0 ? Th[lane * LD + j - 1] : hh_in;
+          float ea = fmaf(q, hhp, Tw[lane * LD + j]) * a;  // d(loss)/d(a) * a
+          float Bv = Bs[lane * LD + j];
+          float qd = q * dl[j];
+          gu[j] = fmaf(qd, Bv, gu[j]);
+          gd[j] = fmaf(q * Bv, ul[j], fmaf(ea, An, gd[j]));
+          dA_acc = fmaf(ea, dl[j], dA_acc);
+          Th[lane * LD + j] = qd * ul[j];
+          qc = a * q;
+        }
+        dA_acc = warp_sum(dA_acc);
+        if (lane == 0) p.dAp[((int64_t)(b * ntiles + tile) * p.D + d) * N + n] = dA_acc;
+      }
+      __syncthreads();
+      // dB[n] += sum over this round's channels of q * delta * u, in warp order
+      for (int e = threadIdx.x; e < TS * TS; e += blockDim.x) {
+        int r = e >> 5, c = e & 31;
+        int i = i0 + r, j = j0 + c;
+        if (i < H && j < W) {
+          float acc = 0.f;
+          for (int w = 0; w < nvalid; ++w) acc += TY[w * 5 * TILE + 2 * TILE + r * LD + c];
+          float* dst = p.dBp + pbase + (int64_t)n * HW + (int64_t)i * W + j;
+          *dst = rr == 0 ? acc : *dst + acc;
+        }
+      }
+    }
+    __syncthreads();
+
+    if (valid) {
+      // transpose the row-wise accumulators through shared memory, then write coalesced
+#pragma unroll
+      for (int j = 0; j < TS; ++j) {
+        Ta[lane * LD + j] = gu[j];
+        Th[lane * LD + j] = gd[j];
+      }
+      __syncwarp();
+      const T* dp = (const T*)p.delta + plane;
+      const T* zp = p.z ? (const T*)p.z + plane : nullptr;
+      const T* gp = (const T*)p.dout + plane;
+      const T* up = (const T*)p.u + plane;
+      const float bias = p.dbias ? p.dbias[d] : 0.f;
+      float db_acc = 0.f;
+#pragma unroll
+      for (int r = 0; r < TS; ++r) {
+        int i = i0 + r, j = j0 + lane;
+        if (i < H && j < W) {
+          int64_t o = (int64_t)i * W + j;
+          float vu = 0.f, vd = 0.f, vz = 0.f;
+          if (i < hb && j < wb) {
+            vu = fmaf(Dd, Ty[r * LD + lane], Ta[r * LD + lane]);
+            vd = Th[r * LD + lane];
+            if (p.softplus) vd *= sigmoid_f(tof(dp[o]) + bias);
+            db_acc += vd;
+            if (zp) {
+              float zv = tof(zp[o]);
+              float sz = sigmoid_f(zv);
+              float yv = fmaf(Dd, tof(up[o]), y[r]);
+              vz = tof(gp[o]) * yv * sz * (1.f + zv * (1.f - sz));
+            }
+          }
+          ((T*)p.du)[plane + o] = fromf<T>(vu);
+          ((T*)p.ddelta)[plane + o] = fromf<T>(vd);
+          if (zp) ((T*)p.dz)[plane + o] = fromf<T>(vz);
+        }
+      }
+      dD_acc = warp_sum(dD_acc);
+      db_acc = warp_sum(db_acc);
+      if (lane == 0) {
+        int64_t o = (int64_t)(b * ntiles + tile) * p.D + d;
+        p.dDp[o] = dD_acc;
+        p.dbp[o] = db_acc;
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// Fixed-order sums of the partials: deterministic, no atomics.
+__global__ void reduce_bc_kernel(const float* __restrict__ part, float* out, int K, int64_t count) {
+  int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= count) return;
+  float acc = 0.f;
+  for (int k = 0; k < K; ++k) acc += part[(int64_t)k * count + e];
+  out[e] = acc;
+}
+
+__global__ void reduce_cols_kernel(const float* __restrict__ part, float* out, int rows, int cols) {
+  int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float acc = 0.f;
+  for (int r = 0; r < rows; ++r) acc += part[(int64_t)r * cols + c];
+  out[c] = acc;
+}
+
+template <typename T, int MODE>
+static void launch_agg_t(const Params& p, cudaStream_t st) {
+  size_t smem = (1 + 4 * WPB) * TILE * sizeof(float);
+  auto kern = bwd_agg_kernel<T, MODE>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.CPG;
+  kern<<<(unsigned)blocks, WPB * 32, smem, st>>>(p);
+}
+
+void launch_bwd_agg(const Params& p, int mode, int dtype, cudaStream_t st) {
+  if (mode == 0) {
+    if (dtype == 0) launch_agg_t<float, 0>(p, st);
+    else if (dtype == 1) launch_agg_t<__half, 0>(p, st);
+    else launch_agg_t<__nv_bfloat16, 0>(p, st);
+  } else {
+    if (dtype == 0) launch_agg_t<float, 1>(p, st);
+    else if (dtype == 1) launch_agg_t<__half, 1>(p, st);
+    else launch_agg_t<__nv_bfloat16, 1>(p, st);
+  }
+}
+
+template <typename T>
+static void launch_final_t(const Params& p, cudaStream_t st) {
+  size_t smem = (2 + 5 * WPB) * TILE * sizeof(float);
+  auto kern = bwd_final_kernel<T>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.K;
+  kern<<<(unsigned)blocks, WPB * 32, smem, st>>>(p);
+}
+
+void launch_bwd_final(const Params& p, int dtype, cudaStream_t st) {
+  if (dtype == 0) launch_final_t<float>(p, st);
+  else if (dtype == 1) launch_final_t<__half>(p, st);
+  else launch_final_t<__nv_bfloat16>(p, st);
+}
+
+void launch_reduce(const Params& p, float* dA, float* dD, float* ddb, float* dB, float* dC, cudaStream_t st) {
+  int64_t count = (int64_t)p.Bsz * p.G * p.N * p.H * p.W;
+  int threads = 256;
+  unsigned nb = (unsigned)((count + threads - 1) / threads);
+  reduce_bc_kernel<<<nb, threads, 0, st>>>(p.dBp, dB, p.K, count);
+  reduce_bc_kernel<<<nb, threads, 0, st>>>(p.dCp, dC, p.K, count);
+  int rows = p.Bsz * p.TR * p.TC;
+  int cols = p.D * p.N;
+  reduce_cols_kernel<<<(cols + threads - 1) / threads, threads, 0, st>>>(p.dAp, dA, rows, cols);
+  reduce_cols_kernel<<<(p.D + threads - 1) / threads, threads, 0, st>>>(p.dDp, dD, rows, p.D);
+  reduce_cols_kernel<<<(p.D + threads - 1) / threads, threads, 0, st>>>(p.dbp, ddb, rows, p.D);
+}
+
+}  // namespace scan2d

@@ -1,0 +1,195 @@
+// Forward tile passes and the short carry scan. See scan2d.h for the layout and work unit.
+#include <stdexcept>
+
+#include "scan2d.h"
+
+namespace scan2d {
+
+// MODE 0: row aggregates (hh at the tile's last column, scanned from 0; row sums of delta).
+// MODE 1: column aggregates (hh with its true row carry, then h from 0 to the tile's last row).
+// MODE 2: the output, with both carries.
+template <typename T, int MODE>
+__global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
+  extern __shared__ float sm[];
+  float* Bs = sm;
+  float* Cs = sm + TILE;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* T0 = sm + 2 * TILE + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
+  float* T1 = T0 + TILE;                        // u staging, then hh
+
+  const int chunks = p.G * p.CPG, ntiles = p.TR * p.TC;
+  const int gc = blockIdx.x % chunks;
+  const int tile = (blockIdx.x / chunks) % ntiles;
+  const int b = blockIdx.x / chunks / ntiles;
+  const int g = gc / p.CPG;
+  const int cig = (gc % p.CPG) * WPB + warp;
+  const bool valid = cig < p.Dg;
+  const int d = g * p.Dg + (valid ? cig : 0);
+  const int s = tile / p.TC, t = tile % p.TC;
+  const int i0 = s * TS, j0 = t * TS;
+  const int H = p.H, W = p.W, N = p.N;
+  int hb, wb;
+  sample_extent(p, b, hb, wb);
+  const int64_t bd = (int64_t)b * p.D + d;
+  const int64_t plane = bd * H * W;
+  const T* up = (const T*)p.u + plane;
+  const T* dp = (const T*)p.delta + plane;
+  const float bias = p.dbias ? p.dbias[d] : 0.f;
+
+  float dl[TS], dul[TS];
+  float cs = 0.f;
+  if (valid) {
+    for (int r = 0; r < TS; ++r) {
+      int i = i0 + r, j = j0 + lane;
+      bool in = i < hb && j < wb;
+      float dv = 0.f, uv = 0.f;
+      if (in) {
+        int64_t o = (int64_t)i * W + j;
+        dv = tof(dp[o]) + bias;
+        if (p.softplus) dv = softplus_f(dv);
+        uv = tof(up[o]);
+      }
+      T0[r * LD + lane] = dv;
+      T1[r * LD + lane] = uv;
+      cs += dv;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < TS; ++j) {
+      dl[j] = T0[lane * LD + j];
+      dul[j] = dl[j] * T1[lane * LD + j];
+    }
+    __syncwarp();
+    if (MODE == 0 && i0 + lane < H) {
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < TS; ++j) rs += dl[j];
+      p.rows[(bd * p.TC + t) * H + i0 + lane] = rs;
+    }
+    if (MODE == 1 && j0 + lane < W) p.cols[(bd * p.TR + s) * W + j0 + lane] = cs;
+  }
+
+  float y[TS];
+#pragma unroll
+  for (int r = 0; r < TS; ++r) y[r] = 0.f;
+
+  const float* Bbase = p.Bm + ((int64_t)b * p.G + g) * N * H * W;
+  const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * H * W;
+  for (int n = 0; n < N; ++n) {
+    __syncthreads();
+    stage_bc(Bbase + (int64_t)n * H * W, Bs, i0, j0, hb, wb, W);
+    if (MODE == 2) stage_bc(Cbase + (int64_t)n * H * W, Cs, i0, j0, hb, wb, W);
+    __syncthreads();
+    if (!valid) continue;
+    const float A2 = p.A[d * N + n] * LOG2E;
+    const int64_t bdn = bd * N + n;
+    // horizontal: lane = row
+    float hh = 0.f;
+    const int64_t ri = (bdn * p.TC + t) * H + i0 + lane;
+    if (MODE != 0 && i0 + lane < H) hh = p.rowc[ri];
+#pragma unroll
+    for (int j = 0; j < TS; ++j) {
+      float a = exp2f(dl[j] * A2);
+      hh = fmaf(a, hh, dul[j] * Bs[lane * LD + j]);
+      if (MODE != 0) {
+        T0[lane * LD + j] = a;
+        T1[lane * LD + j] = hh;
+      }
+    }
+    if (MODE == 0) {
+      if (i0 + lane < H) p.rowc[ri] = hh;
+      continue;
+    }
+    __syncwarp();
+    // vertical: lane = column
+    float h = 0.f;
+    const int64_t ci = (bdn * p.TR + s) * W + j0 + lane;
+    if (MODE == 2 && j0 + lane < W) h = p.colc[ci];
+#pragma unroll
+    for (int r = 0; r < TS; ++r) {
+      h = fmaf(T0[r * LD + lane], h, T1[r * LD + lane]);
+      if (MODE == 2) y[r] = fmaf(Cs[r * LD + lane], h, y[r]);
+    }
+    if (MODE == 1 && j0 + lane < W) p.colc[ci] = h;
+    __syncwarp();
+  }
+
+  if (MODE == 2 && valid) {
+    const T* zp = p.z ? (const T*)p.z + plane : nullptr;
+    T* op = (T*)p.out + plane;
+    const float Dd = p.Dv ? p.Dv[d] : 0.f;
+#pragma unroll
+    for (int r = 0; r < TS; ++r) {
+      int i = i0 + r, j = j0 + lane;
+      if (i < H && j < W) {
+        int64_t o = (int64_t)i * W + j;
+        float v = 0.f;
+        if (i < hb && j < wb) {
+          v = y[r] + Dd * tof(up[o]);
+          if (zp) {
+            float zv = tof(zp[o]);
+            v *= zv * sigmoid_f(zv);
+          }
+        }
+        op[o] = fromf<T>(v);
+      }
+    }
+  }
+}
+
+// One thread per (b, d, n, line): walks the tiles of its line, turning each tile's aggregate into the
+// carry that enters it. The transfer across a tile is exp(A * sum of delta over the tile's line).
+__global__ void carry_scan_kernel(float* loc, const float* __restrict__ S, const float* __restrict__ A, int BD, int N,
+                                  int D, int T, int lines, bool reverse) {
+  int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int64_t total = (int64_t)BD * N * lines;
+  if (idx >= total) return;
+  int line = idx % lines;
+  int64_t bdn = idx / lines;
+  int n = bdn % N;
+  int64_t bd = bdn / N;
+  int d = bd % D;
+  float A2 = A[d * N + n] * LOG2E;
+  float* L = loc + bdn * T * lines + line;
+  const float* Sp = S + bd * T * lines + line;
+  float c = 0.f;
+  for (int k = 0; k < T; ++k) {
+    int tt = reverse ? T - 1 - k : k;
+    float l = L[(int64_t)tt * lines];
+    float P = exp2f(A2 * Sp[(int64_t)tt * lines]);
+    L[(int64_t)tt * lines] = c;
+    c = fmaf(P, c, l);
+  }
+}
+
+template <typename T, int MODE>
+static void launch_mode(const Params& p, cudaStream_t st) {
+  size_t smem = (2 + 2 * WPB) * TILE * sizeof(float);
+  auto kern = fwd_tile_kernel<T, MODE>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.CPG;
+  kern<<<(unsigned)blocks, WPB * 32, smem, st>>>(p);
+}
+
+template <typename T>
+static void launch_t(const Params& p, int mode, cudaStream_t st) {
+  if (mode == 0) launch_mode<T, 0>(p, st);
+  else if (mode == 1) launch_mode<T, 1>(p, st);
+  else launch_mode<T, 2>(p, st);
+}
+
+void launch_fwd_tiles(const Params& p, int mode, int dtype, cudaStream_t st) {
+  if (dtype == 0) launch_t<float>(p, mode, st);
+  else if (dtype == 1) launch_t<__half>(p, mode, st);
+  else launch_t<__nv_bfloat16>(p, mode, st);
+}
+
+void launch_carry_scan(float* loc, const float* S, const float* A, int BD, int N, int D, int T, int lines,
+                       bool reverse, cudaStream_t st) {
+  int64_t total = (int64_t)BD * N * lines;
+  int threads = 256;
+  carry_scan_kernel<<<(unsigned)((total + threads - 1) / threads), threads, 0, st>>>(loc, S, A, BD, N, D, T, lines,
+                                                                                   reverse);
+}
+
+}  // namespace scan2d
