@@ -171,7 +171,8 @@ def _embed_resources(ray, ingest: dict) -> dict:
 
 
 def _read_memory(tiles: int, input_px: int) -> int:
-    return int(3 * tiles * input_px * input_px * 3 + (96 << 20))
+    # a worker's imports (OpenSlide, PIL, numpy) plus decoded tiles, their resized copies and the output block
+    return int(3 * tiles * input_px * input_px * 3 + (192 << 20))
 
 
 def encoder_spec(spec: dict) -> dict:

@@ -1,0 +1,181 @@
+"""The Ray Data embed pipeline on a tiny real cohort: bad slides, manifest rows, features, rerun, resume.
+
+Real OpenSlide on synthetic SVS/TIFF, real Ray (the shared `ray_local` runtime), real Zarr.
+"""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gigamamba.features.store import GridStore
+from gigamamba.slides.synth import corrupt_tile, truncate_file, write_pyramid_tiff, write_synthetic_cohort
+from gigamamba.spec import resolve_spec
+
+pytestmark = pytest.mark.slow
+
+ENCODER = {"name": "test_resnet", "weights": "random", "input_px": 32, "batch_size": 16}
+TILING = {"patch_px": 128, "target_mpp": 0.5, "tissue_threshold": 0.25}
+
+
+def _tissue_point(path):
+    from gigamamba.slides.reader import open_slide, resolve_mpp
+    from gigamamba.slides.tissue import detect_tissue
+
+    slide = open_slide(path)
+    mask = detect_tissue(slide, resolve_mpp(slide.properties))
+    ys, xs = np.nonzero(mask)
+    k = len(ys) // 2
+    scale = slide.dimensions[0] / mask.shape[1]
+    return int(xs[k] * scale), int(ys[k] * scale)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """3 good slides (SVS 20x, TIFF 20x, SVS 40x) and one of every kind of bad input."""
+    root = tmp_path_factory.mktemp("cohort")
+    csv = write_synthetic_cohort(root, task="classification", n_slides=3, seed=4, size_px=1536)
+    good = pd.read_csv(csv, dtype={"slide_id": str})
+    slides = root / "slides"
+    shutil.copy(slides / "clas000.svs", slides / "trunc.svs")
+    truncate_file(slides / "trunc.svs", 0.5)
+    shutil.copy(slides / "clas001.tif", slides / "badtile.tif")
+    corrupt_tile(slides / "badtile.tif", *_tissue_point(slides / "badtile.tif"))
+    write_pyramid_tiff(slides / "blank.svs", np.full((1536, 1536, 3), 242, np.uint8), 0.5, aperio=True)
+    rgb = np.asarray(__import__("openslide").OpenSlide(str(slides / "clas001.tif")).read_region(
+        (0, 0), 0, (1536, 1536)).convert("RGB"))
+    write_pyramid_tiff(slides / "nompp.tif", rgb, None)
+    write_pyramid_tiff(slides / "nompp_fixed.tif", rgb, None)
+    bad = [("trunc", "slides/trunc.svs", None), ("badtile", "slides/badtile.tif", None),
+           ("blank", "slides/blank.svs", None), ("nompp", "slides/nompp.tif", None),
+           ("nompp_fixed", "slides/nompp_fixed.tif", 0.5), ("gone", "slides/gone.svs", None),
+           ("dup", "slides/clas000.svs", None), ("dup", "slides/clas001.tif", None),
+           ("../x", "slides/clas000.svs", None)]
+    rows = good.assign(mpp=np.nan).to_dict("records")
+    rows += [{"slide_id": s, "case_id": f"c-{s}", "label": 0, "slide_path": p, "mpp": m} for s, p, m in bad]
+    pd.DataFrame(rows).to_csv(root / "cohort.csv", index=False)
+    return root
+
+
+def _spec(root, store):
+    return resolve_spec({"cohort": {"csv": "cohort.csv"}, "tiling": TILING, "encoder": ENCODER, "store": store,
+                         "ingest": {"tiles_per_task": 8}}, root)
+
+
+def test_bad_input_gets_one_line_errors_and_the_rest_goes_on(cohort, ray_local):
+    from gigamamba.ingest.pipeline import embed_cohort
+
+    df = embed_cohort(_spec(cohort, "a.zarr"), progress=False).set_index("slide_id")
+    complete = sorted(df.index[df.status == "complete"])
+    assert complete == ["clas000", "clas001", "clas002", "nompp_fixed"]
+    err = df.error
+    assert "corrupt or truncated" in err["trunc"] or "OpenSlide can read" in err["trunc"]
+    assert "corrupt tile" in err["badtile"]
+    assert "no tissue" in err["blank"]
+    assert "nompp" in err["nompp"] and "`mpp` column" in err["nompp"]
+    assert "does not exist" in err["gone"]
+    assert "appears on lines" in err["dup"]
+    assert "escape" in err["../x"]
+    for sid in err.index:
+        assert "\n" not in err[sid] and (sid in err[sid] or sid == "dup" or df.status[sid] == "complete")
+    assert (df.status[df.error != ""] == "failed").all()
+    assert not (cohort / "x").exists() and not (cohort / "x.zarr").exists()
+
+    store = GridStore(cohort / "a.zarr")
+    assert store.complete_slides() == complete  # nothing of a failed slide is left complete
+    for sid in complete:
+        feats, mask = store.read(sid)
+        a = store.slide_attrs(sid)
+        assert mask.sum() == a["n_tiles"] == df.n_tiles[sid] > 10
+        assert [df.H[sid], df.W[sid]] == a["grid_shape"] == list(mask.shape)
+        assert np.abs(feats[mask]).sum(-1).min() > 0 and (feats[~mask] == 0).all()
+        x0, y0 = a["origin_level0"]
+        assert x0 % a["stride_level0"] == 0 and y0 % a["stride_level0"] == 0
+    # 20x and 40x scans of the same layout would give the same stride in micrometres
+    assert store.slide_attrs("clas002")["stride_level0"] == 2 * store.slide_attrs("clas000")["stride_level0"]
+
+
+def test_features_sit_in_the_cells_they_came_from(cohort, ray_local):
+    """Re-embed a few cells by hand (read_region at the cell's level-0 corner) and compare."""
+    from gigamamba.features.encoders import create_encoder
+    from gigamamba.slides.reader import read_tiles
+
+    store = _store_a(cohort)
+    feats, mask = store.read("clas002")  # a 40x slide: level-0 reads of 256 px resized to 32
+    a = store.slide_attrs("clas002")
+    ii, jj = np.nonzero(mask)
+    pick = [0, len(ii) // 2, len(ii) - 1]
+    s = a["stride_level0"]
+    xs = [round(a["origin_level0"][0] + jj[k] * s) for k in pick]
+    ys = [round(a["origin_level0"][1] + ii[k] * s) for k in pick]
+    tiles = read_tiles(a["source"], a["read_level"], np.array(xs), np.array(ys), a["read_px"], 32)
+    want = create_encoder(**{k: ENCODER[k] for k in ("name", "weights", "input_px")}, device="cpu").embed(tiles)
+    got = feats[ii[pick], jj[pick]].astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3)
+
+
+def _store_a(cohort):
+    """The store of the first test (embedded here when that test was deselected)."""
+    from gigamamba.ingest.pipeline import embed_cohort
+
+    if not (cohort / "a.zarr" / "zarr.json").exists():
+        embed_cohort(_spec(cohort, "a.zarr"), progress=False)
+    return GridStore(cohort / "a.zarr")
+
+
+def test_rerun_embeds_only_missing_or_failed(cohort, ray_local):
+    from gigamamba.ingest.pipeline import embed_cohort
+
+    store = _store_a(cohort)
+    first = store.manifest().set_index("slide_id")
+    before = {sid: (store.path / sid / "zarr.json").stat().st_mtime_ns for sid in store.complete_slides()}
+    again = embed_cohort(_spec(cohort, "a.zarr"), progress=False).set_index("slide_id")
+    assert set(again.index[again.action == "kept"]) == set(before)
+    assert set(again.index[again.action == "embedded"]) == set()
+    assert set(again.index[again.action == "failed"]) == set(first.index[first.status == "failed"])  # retried
+    after = {sid: (store.path / sid / "zarr.json").stat().st_mtime_ns for sid in store.complete_slides()}
+    assert after == before  # complete slides were not touched
+
+
+def test_resume_after_an_interrupt(cohort, ray_local):
+    from gigamamba.ingest.pipeline import embed_cohort
+
+    spec = _spec(cohort, "c.zarr")
+    seen = []
+
+    def interrupt_after_first_complete(row):
+        seen.append(row["slide_id"])
+        if row["status"] == "complete":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_cohort(spec, progress=False, on_slide=interrupt_after_first_complete)
+    store = GridStore(cohort / "c.zarr")
+    done_first = store.complete_slides()
+    assert len(done_first) == 1
+    for sid in store.slides():  # nothing else may claim to be complete
+        assert sid in done_first or store.slides()[sid] != "complete"
+    df = embed_cohort(spec, progress=False).set_index("slide_id")
+    assert df.action[done_first[0]] == "kept"
+    assert set(df.index[df.action == "embedded"]) == {"clas000", "clas001", "clas002", "nompp_fixed"} - set(done_first)
+    assert sorted(store.complete_slides()) == ["clas000", "clas001", "clas002", "nompp_fixed"]
+
+
+def test_embed_command_overwrite_exits_nonzero_with_a_summary(cohort, ray_local, capsys):
+    from gigamamba.cli import main
+
+    store = _store_a(cohort)
+    before = {sid: store.slide_attrs(sid) for sid in store.complete_slides()}
+    (cohort / "p.yaml").write_text(
+        "cohort: {csv: cohort.csv}\n"
+        f"tiling: {TILING}\nencoder: {ENCODER}\nstore: a.zarr\ningest: {{tiles_per_task: 8}}\n".replace("'", ""))
+    rc = main(["embed", str(cohort / "p.yaml"), "--overwrite", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "4 complete, 7 failed" in out and "no tissue" in out
+    assert out.count(" embedded ") == 4 and " kept " not in out  # --overwrite redid the complete slides
+    assert {sid: GridStore(store.path).slide_attrs(sid) for sid in before} == before  # deterministic
+    rc = main(["inspect", str(store.path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "4 complete" in out and "failures:" in out and "trunc" in out
