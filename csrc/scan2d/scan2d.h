@@ -75,13 +75,31 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Block-wide staging of a 32x32 tile of B or C (fp32), zero outside the sample.
+// 2^x on the special-function unit (one MUFU.EX2; relative error ~2^-22, far inside fp32 tolerances).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Asynchronous copies global -> shared (sm_80+), so the next state's B/C tiles load while this one computes.
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool pred) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  int bytes = pred ? 4 : 0;  // 0 source bytes: the destination is zero-filled
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Block-wide asynchronous staging of a 32x32 tile of B or C (fp32), zero outside the sample.
 __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* dst, int i0, int j0, int hb, int wb,
                                          int W) {
   for (int e = threadIdx.x; e < TS * TS; e += blockDim.x) {
     int r = e >> 5, c = e & 31;
     int i = i0 + r, j = j0 + c;
-    dst[r * LD + c] = (i < hb && j < wb) ? __ldg(src + (int64_t)i * W + j) : 0.f;
+    bool in = i < hb && j < wb;
+    cp_async4(dst + r * LD + c, in ? src + (int64_t)i * W + j : src, in);
   }
 }
 

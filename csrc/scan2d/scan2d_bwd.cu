@@ -39,9 +39,9 @@ __device__ __forceinline__ void stage_delta_dy(const Params& p, int64_t plane, i
 template <typename T, int MODE>
 __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
   extern __shared__ float sm[];
-  float* Cs = sm;
+  float* Cbuf = sm;  // two C tiles: state n computes while n+1 loads
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* Td = sm + TILE + warp * 4 * TILE;  // delta
+  float* Td = sm + 2 * TILE + warp * 4 * TILE;  // delta
   float* Ty = Td + TILE;                    // dy
   float* Ta = Ty + TILE;                    // a
   float* Tg = Ta + TILE;                    // g
@@ -75,20 +75,37 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
       p.rrows[(bd * p.TC + t) * H + i0 + lane] = rs;
     }
   }
-  const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * H * W;
+  const int64_t HW = (int64_t)H * W;
+  const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * HW;
+  const bool row_ok = valid && i0 + lane < H, col_ok = valid && j0 + lane < W;
+  const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;  // + n*TC*H
+  const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;  // + n*TR*W
+  auto issue = [&](int n) {
+    stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+    cp_async_commit();
+  };
+  auto loadA = [&](int n) { return valid ? p.A[d * N + n] : 0.f; };
+  auto loadG = [&](int n) { return (MODE == 1 && col_ok) ? p.rcolc[cbase + (int64_t)n * p.TR * W] : 0.f; };
+  issue(0);
+  float A_nx = loadA(0), g_nx = loadG(0);
   for (int n = 0; n < N; ++n) {
+    const float A2 = A_nx * LOG2E;
+    float gcar = g_nx;
     __syncthreads();
-    stage_bc(Cbase + (int64_t)n * H * W, Cs, i0, j0, hb, wb, W);
+    if (n + 1 < N) {
+      issue(n + 1);
+      A_nx = loadA(n + 1);
+      g_nx = loadG(n + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     if (!valid) continue;
-    const float A2 = p.A[d * N + n] * LOG2E;
-    const int64_t bdn = bd * N + n;
-    const int64_t ci = (bdn * p.TR + s) * W + j0 + lane;
-    float gcar = 0.f;
-    if (MODE == 1 && j0 + lane < W) gcar = p.rcolc[ci];
+    const float* Cs = Cbuf + (n & 1) * TILE;
 #pragma unroll
     for (int r = TS - 1; r >= 0; --r) {
-      float a = exp2f(Td[r * LD + lane] * A2);
+      float a = ex2(Td[r * LD + lane] * A2);
       float gv = fmaf(Cs[r * LD + lane], Ty[r * LD + lane], gcar);
       if (MODE == 1) {
         Ta[r * LD + lane] = a;
@@ -97,7 +114,7 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
       gcar = a * gv;
     }
     if (MODE == 0) {
-      if (j0 + lane < W) p.rcolc[ci] = gcar;
+      if (col_ok) p.rcolc[cbase + (int64_t)n * p.TR * W] = gcar;
       continue;
     }
     __syncwarp();
@@ -107,7 +124,7 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
       float q = Tg[lane * LD + j] + qc;
       qc = Ta[lane * LD + j] * q;
     }
-    if (i0 + lane < H) p.rrowc[(bdn * p.TC + t) * H + i0 + lane] = qc;
+    if (row_ok) p.rrowc[rbase + (int64_t)n * p.TC * H] = qc;
     __syncwarp();
   }
 }
@@ -119,10 +136,12 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
 template <typename T>
 __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
   extern __shared__ float sm[];
-  float* Bs = sm;
-  float* Cs = sm + TILE;
+  float* Bbuf = sm;             // two B tiles: state n computes while n+1 loads
+  float* Cbuf = sm + 2 * TILE;  // two C tiles
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* TY = sm + 2 * TILE;  // dy of each warp: TY + w * 5 * TILE
+  float* OldC = sm + 4 * TILE;  // this round's dC / dB partials before adding (unpadded 32x32)
+  float* OldB = OldC + TS * TS;
+  float* TY = OldB + TS * TS;   // dy of each warp: TY + w * 5 * TILE
   float* Ty = TY + warp * 5 * TILE;
   float* Ta = Ty + TILE;   // a (delta at staging)
   float* Th = Ta + TILE;   // hh (u at staging); then the dB contribution q*delta*u
@@ -172,31 +191,64 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       __syncwarp();
     }
 
+    const bool row_ok = valid && i0 + lane < H, col_ok = valid && j0 + lane < W;
+    const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;  // + n*TC*H
+    const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;  // + n*TR*W
+    auto issue = [&](int n) {
+      stage_bc(Bbase + n * HW, Bbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+      stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+      cp_async_commit();
+    };
+    // per-state scalars, loaded one state ahead: A, forward carries (hh, h), reverse carries (a*g, a*q)
+    float nx[5];
+    auto load_next = [&](int n) {
+      nx[0] = valid ? p.A[d * N + n] : 0.f;
+      nx[1] = row_ok ? p.rowc[rbase + (int64_t)n * p.TC * H] : 0.f;
+      nx[2] = col_ok ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f;
+      nx[3] = col_ok ? p.rcolc[cbase + (int64_t)n * p.TR * W] : 0.f;
+      nx[4] = row_ok ? p.rrowc[rbase + (int64_t)n * p.TC * H] : 0.f;
+    };
+    issue(0);
+    load_next(0);
+    constexpr int PER = TS * TS / (WPB * 32);  // partial cells per thread
     for (int n = 0; n < N; ++n) {
+      const float An = nx[0], A2 = An * LOG2E;
+      const float hh_in = nx[1], h_in = nx[2];
+      float gcar = nx[3], qc = nx[4];
+      // this round's partials so far (the block wrote them in earlier rounds; zeros in round 0), copied
+      // asynchronously into shared memory; each thread reads back only the cells it copied itself
+#pragma unroll
+      for (int m = 0; m < PER; ++m) {
+        int e = threadIdx.x + m * WPB * 32, i = i0 + (e >> 5), j = j0 + (e & 31);
+        bool in = rr > 0 && i < H && j < W;
+        int64_t o = in ? pbase + (int64_t)n * HW + (int64_t)i * W + j : 0;
+        cp_async4(OldC + e, p.dCp + o, in);
+        cp_async4(OldB + e, p.dBp + o, in);
+      }
+      cp_async_commit();
       __syncthreads();
-      stage_bc(Bbase + (int64_t)n * HW, Bs, i0, j0, hb, wb, W);
-      stage_bc(Cbase + (int64_t)n * HW, Cs, i0, j0, hb, wb, W);
+      if (n + 1 < N) {
+        issue(n + 1);
+        load_next(n + 1);
+        cp_async_wait<2>();  // B/C of state n; the old partials and state n+1 may still be in flight
+      } else {
+        cp_async_wait<1>();
+      }
       __syncthreads();
-      const int64_t bdn = bd * N + n;
-      const int64_t ri = (bdn * p.TC + t) * H + i0 + lane;
-      const int64_t ci = (bdn * p.TR + s) * W + j0 + lane;
-      const float An = p.A[d * N + n];
-      const float A2 = An * LOG2E;
-      float hh_in = 0.f, h_in = 0.f;
+      const float* Bs = Bbuf + (n & 1) * TILE;
+      const float* Cs = Cbuf + (n & 1) * TILE;
       if (valid) {
         // forward, horizontal (lane = row)
-        if (i0 + lane < H) hh_in = p.rowc[ri];
         float hh = hh_in;
 #pragma unroll
         for (int j = 0; j < TS; ++j) {
-          float a = exp2f(dl[j] * A2);
+          float a = ex2(dl[j] * A2);
           hh = fmaf(a, hh, dl[j] * ul[j] * Bs[lane * LD + j]);
           Ta[lane * LD + j] = a;
           Th[lane * LD + j] = hh;
         }
         __syncwarp();
         // forward, vertical (lane = column)
-        if (j0 + lane < W) h_in = p.colc[ci];
         float h = h_in;
 #pragma unroll
         for (int r = 0; r < TS; ++r) {
@@ -205,26 +257,23 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
           Tv[r * LD + lane] = h;
         }
       }
+      if (n + 1 < N) cp_async_wait<1>(); else cp_async_wait<0>();  // this thread's old partials
       __syncthreads();
       // dC[n] += sum over this round's channels of dy * h, in warp order
-      for (int e = threadIdx.x; e < TS * TS; e += blockDim.x) {
-        int r = e >> 5, c = e & 31;
+#pragma unroll
+      for (int m = 0; m < PER; ++m) {
+        int e = threadIdx.x + m * WPB * 32, r = e >> 5, c = e & 31;
         int i = i0 + r, j = j0 + c;
-        if (i < H && j < W) {
-          float acc = 0.f;
-          for (int w = 0; w < nvalid; ++w) {
-            const float* base = TY + w * 5 * TILE;
-            acc = fmaf(base[r * LD + c], base[3 * TILE + r * LD + c], acc);
-          }
-          float* dst = p.dCp + pbase + (int64_t)n * HW + (int64_t)i * W + j;
-          *dst = rr == 0 ? acc : *dst + acc;
+        float acc = 0.f;
+        for (int w = 0; w < nvalid; ++w) {
+          const float* base = TY + w * 5 * TILE;
+          acc = fmaf(base[r * LD + c], base[3 * TILE + r * LD + c], acc);
         }
+        if (i < H && j < W) p.dCp[pbase + (int64_t)n * HW + (int64_t)i * W + j] = OldC[e] + acc;
       }
       __syncthreads();
       if (valid) {
         // adjoint, vertical (lane = column, bottom -> top); g overwrites h, which row r+1 has used
-        float gcar = 0.f;
-        if (j0 + lane < W) gcar = p.rcolc[ci];
 #pragma unroll
         for (int r = TS - 1; r >= 0; --r) {
           float hprev = r > 0 ? Tv[(r - 1) * LD + lane] : h_in;
@@ -235,8 +284,6 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
         }
         __syncwarp();
         // adjoint, horizontal (lane = row, right -> left); q*delta*u overwrites hh, which column j+1 has used
-        float qc = 0.f;
-        if (i0 + lane < H) qc = p.rrowc[ri];
         float dA_acc = 0.f;
 #pragma unroll
         for (int j = TS - 1; j >= 0; --j) {
@@ -257,15 +304,13 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       }
       __syncthreads();
       // dB[n] += sum over this round's channels of q * delta * u, in warp order
-      for (int e = threadIdx.x; e < TS * TS; e += blockDim.x) {
-        int r = e >> 5, c = e & 31;
+#pragma unroll
+      for (int m = 0; m < PER; ++m) {
+        int e = threadIdx.x + m * WPB * 32, r = e >> 5, c = e & 31;
         int i = i0 + r, j = j0 + c;
-        if (i < H && j < W) {
-          float acc = 0.f;
-          for (int w = 0; w < nvalid; ++w) acc += TY[w * 5 * TILE + 2 * TILE + r * LD + c];
-          float* dst = p.dBp + pbase + (int64_t)n * HW + (int64_t)i * W + j;
-          *dst = rr == 0 ? acc : *dst + acc;
-        }
+        float acc = 0.f;
+        for (int w = 0; w < nvalid; ++w) acc += TY[w * 5 * TILE + 2 * TILE + r * LD + c];
+        if (i < H && j < W) p.dBp[pbase + (int64_t)n * HW + (int64_t)i * W + j] = OldB[e] + acc;
       }
     }
     __syncthreads();
@@ -338,7 +383,7 @@ __global__ void reduce_cols_kernel(const float* __restrict__ part, float* out, i
 
 template <typename T, int MODE>
 static void launch_agg_t(const Params& p, cudaStream_t st) {
-  size_t smem = (1 + 4 * WPB) * TILE * sizeof(float);
+  size_t smem = (2 + 4 * WPB) * TILE * sizeof(float);
   auto kern = bwd_agg_kernel<T, MODE>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.CPG;
@@ -359,7 +404,7 @@ void launch_bwd_agg(const Params& p, int mode, int dtype, cudaStream_t st) {
 
 template <typename T>
 static void launch_final_t(const Params& p, cudaStream_t st) {
-  size_t smem = (2 + 5 * WPB) * TILE * sizeof(float);
+  size_t smem = ((4 + 5 * WPB) * TILE + 2 * TS * TS) * sizeof(float);
   auto kern = bwd_final_kernel<T>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.K;

@@ -11,10 +11,10 @@ namespace scan2d {
 template <typename T, int MODE>
 __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
   extern __shared__ float sm[];
-  float* Bs = sm;
-  float* Cs = sm + TILE;
+  float* Bbuf = sm;             // two B tiles: state n computes while n+1 loads
+  float* Cbuf = sm + 2 * TILE;  // two C tiles
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* T0 = sm + 2 * TILE + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
+  float* T0 = sm + 4 * TILE + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
   float* T1 = T0 + TILE;                        // u staging, then hh
 
   const int chunks = p.G * p.CPG, ntiles = p.TR * p.TC;
@@ -73,23 +73,45 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
 #pragma unroll
   for (int r = 0; r < TS; ++r) y[r] = 0.f;
 
-  const float* Bbase = p.Bm + ((int64_t)b * p.G + g) * N * H * W;
-  const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * H * W;
+  const int64_t HW = (int64_t)H * W;
+  const float* Bbase = p.Bm + ((int64_t)b * p.G + g) * N * HW;
+  const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * HW;
+  const bool row_ok = valid && i0 + lane < H, col_ok = valid && j0 + lane < W;
+  // index of state n's carries: row carry at rbase + n*TC*H, column carry at cbase + n*TR*W
+  const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;
+  const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;
+  auto issue = [&](int n) {
+    stage_bc(Bbase + n * HW, Bbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+    if (MODE == 2) stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+    cp_async_commit();
+  };
+  // the next state's scalars are loaded one state ahead, so their latency hides behind the scans
+  auto loadA = [&](int n) { return valid ? p.A[d * N + n] : 0.f; };
+  auto loadR = [&](int n) { return (MODE != 0 && row_ok) ? p.rowc[rbase + (int64_t)n * p.TC * H] : 0.f; };
+  auto loadC = [&](int n) { return (MODE == 2 && col_ok) ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f; };
+  issue(0);
+  float A_nx = loadA(0), r_nx = loadR(0), c_nx = loadC(0);
   for (int n = 0; n < N; ++n) {
-    __syncthreads();
-    stage_bc(Bbase + (int64_t)n * H * W, Bs, i0, j0, hb, wb, W);
-    if (MODE == 2) stage_bc(Cbase + (int64_t)n * H * W, Cs, i0, j0, hb, wb, W);
+    const float A2 = A_nx * LOG2E;
+    float hh = r_nx, h = c_nx;
+    __syncthreads();  // everyone is done with the buffers of state n-1
+    if (n + 1 < N) {
+      issue(n + 1);
+      A_nx = loadA(n + 1);
+      r_nx = loadR(n + 1);
+      c_nx = loadC(n + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
     if (!valid) continue;
-    const float A2 = p.A[d * N + n] * LOG2E;
-    const int64_t bdn = bd * N + n;
+    const float* Bs = Bbuf + (n & 1) * TILE;
+    const float* Cs = Cbuf + (n & 1) * TILE;
     // horizontal: lane = row
-    float hh = 0.f;
-    const int64_t ri = (bdn * p.TC + t) * H + i0 + lane;
-    if (MODE != 0 && i0 + lane < H) hh = p.rowc[ri];
 #pragma unroll
     for (int j = 0; j < TS; ++j) {
-      float a = exp2f(dl[j] * A2);
+      float a = ex2(dl[j] * A2);
       hh = fmaf(a, hh, dul[j] * Bs[lane * LD + j]);
       if (MODE != 0) {
         T0[lane * LD + j] = a;
@@ -97,20 +119,17 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
       }
     }
     if (MODE == 0) {
-      if (i0 + lane < H) p.rowc[ri] = hh;
+      if (row_ok) p.rowc[rbase + (int64_t)n * p.TC * H] = hh;
       continue;
     }
     __syncwarp();
     // vertical: lane = column
-    float h = 0.f;
-    const int64_t ci = (bdn * p.TR + s) * W + j0 + lane;
-    if (MODE == 2 && j0 + lane < W) h = p.colc[ci];
 #pragma unroll
     for (int r = 0; r < TS; ++r) {
       h = fmaf(T0[r * LD + lane], h, T1[r * LD + lane]);
       if (MODE == 2) y[r] = fmaf(Cs[r * LD + lane], h, y[r]);
     }
-    if (MODE == 1 && j0 + lane < W) p.colc[ci] = h;
+    if (MODE == 1 && col_ok) p.colc[cbase + (int64_t)n * p.TR * W] = h;
     __syncwarp();
   }
 
@@ -156,7 +175,7 @@ __global__ void carry_scan_kernel(float* loc, const float* __restrict__ S, const
   for (int k = 0; k < T; ++k) {
     int tt = reverse ? T - 1 - k : k;
     float l = L[(int64_t)tt * lines];
-    float P = exp2f(A2 * Sp[(int64_t)tt * lines]);
+    float P = ex2(A2 * Sp[(int64_t)tt * lines]);
     L[(int64_t)tt * lines] = c;
     c = fmaf(P, c, l);
   }
@@ -164,7 +183,7 @@ __global__ void carry_scan_kernel(float* loc, const float* __restrict__ S, const
 
 template <typename T, int MODE>
 static void launch_mode(const Params& p, cudaStream_t st) {
-  size_t smem = (2 + 2 * WPB) * TILE * sizeof(float);
+  size_t smem = (4 + 2 * WPB) * TILE * sizeof(float);
   auto kern = fwd_tile_kernel<T, MODE>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.CPG;
