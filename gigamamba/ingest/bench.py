@@ -1,0 +1,281 @@
+"""`gigamamba bench ingest`: tiles/s of the Ray Data pipeline beside its ceilings, measured in one run.
+
+    end to end      embed_cohort: plan, read+decode tasks, encoder actors, per-slide Zarr writes
+    decode ceiling  read_region + decode + resize alone, one process per core (no encoder)
+    encoder ceiling the encoder alone on pre-decoded uint8 tiles in memory (host->device copy included)
+    CLAM-style loop one process: per slide, read_region in a Dataset -> DataLoader(num_workers=0) -> model
+
+The cohort is synthetic (gigamamba synth) and written once into --workdir; later runs reuse it.
+On a GPU machine use at least 1,000 tiles a slide, e.g.
+    gigamamba bench ingest --slides 16 --unique-slides 4 --size-px 16384 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def configure(parser) -> None:
+    parser.add_argument("--workdir", default="runs/bench-ingest", help="cohort, store and results go here")
+    parser.add_argument("--slides", type=int, default=4, help="cohort rows (slides) to embed")
+    parser.add_argument("--unique-slides", type=int, default=None,
+                        help="distinct slide files synthesised (default: --slides); rows cycle through them, "
+                             "which keeps a large GPU cohort quick to synthesise")
+    parser.add_argument("--size-px", type=int, default=3072,
+                        help="slide side in 20x pixels; tiles a slide are about 0.55 * (size_px / patch_px)^2")
+    parser.add_argument("--encoder", default="resnet50-trunc")
+    parser.add_argument("--weights", default="random", help="random (default), imagenet, or a weights file")
+    parser.add_argument("--input-px", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 256 on GPU, 32 on CPU")
+    parser.add_argument("--patch-px", type=int, default=256)
+    parser.add_argument("--tiles-per-task", type=int, default=32)
+    parser.add_argument("--embed-actors", type=int, default=None)
+    parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    parser.add_argument("--skip", action="append", default=[], choices=("decode", "encoder", "clam", "pipeline"))
+    parser.add_argument("--out", default=None, help="write the results as JSON here (default WORKDIR/results.json)")
+
+
+def _machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+    try:
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def _decode_chunk(args):
+    from gigamamba.slides.reader import read_tiles
+
+    path, level, xy, read_px, out_px = args
+    return len(read_tiles(path, level, xy[:, 0], xy[:, 1], read_px, out_px))
+
+
+def _cells(plan):
+    ii, jj = np.nonzero(plan.keep)
+    xs, ys = plan.lattice.cell_to_level0(ii, jj)
+    return np.stack([np.floor(xs + 0.5), np.floor(ys + 0.5)], 1).astype(np.int64)
+
+
+def bench_decode(plans, input_px: int, tiles_per_task: int, processes: int) -> float:
+    """Tiles/s of read + decode + resize on `processes` worker processes (the CPU ceiling)."""
+    import multiprocessing as mp
+
+    jobs = []
+    for p in plans:
+        xy = _cells(p)
+        for s in range(0, len(xy), tiles_per_task):
+            jobs.append((p.job.path, p.level, xy[s : s + tiles_per_task], p.read_px, input_px))
+    ctx = mp.get_context("forkserver")
+    with ctx.Pool(processes) as pool:
+        pool.map(_decode_chunk, jobs[: processes])  # warm the workers (imports, slide handles)
+        t0 = time.perf_counter()
+        n = sum(pool.map(_decode_chunk, jobs, chunksize=1))
+        return n / (time.perf_counter() - t0)
+
+
+def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -> float:
+    """Tiles/s of the encoder alone on decoded uint8 tiles held in memory (the encoder ceiling)."""
+    import torch
+
+    sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        encoder.embed(tiles[:batch_size])
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while n < min_tiles:
+        for s in range(0, len(tiles), batch_size):
+            encoder.embed(tiles[s : s + batch_size])
+            n += len(tiles[s : s + batch_size])
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+class _SlideTiles:
+    """CLAM's Whole_Slide_Bag_FP in spirit: one slide handle, one read_region per item."""
+
+    def __init__(self, plan, input_px: int):
+        import openslide
+
+        self.slide = openslide.OpenSlide(plan.job.path)
+        self.xy, self.level, self.read_px, self.input_px = _cells(plan), plan.level, plan.read_px, input_px
+
+    def __len__(self):
+        return len(self.xy)
+
+    def __getitem__(self, k):
+        from PIL import Image
+
+        x, y = self.xy[k]
+        img = self.slide.read_region((int(x), int(y)), self.level, (self.read_px, self.read_px)).convert("RGB")
+        if self.read_px != self.input_px:
+            img = img.resize((self.input_px, self.input_px), Image.BILINEAR)
+        return np.asarray(img)
+
+
+def bench_clam(plans, encoder, input_px: int, batch_size: int) -> float:
+    """Tiles/s of a single-process loop: per slide, Dataset(read_region) -> DataLoader -> model."""
+    from torch.utils.data import DataLoader
+
+    n, t0 = 0, time.perf_counter()
+    for p in plans:
+        loader = DataLoader(_SlideTiles(p, input_px), batch_size=batch_size, num_workers=0,
+                            collate_fn=lambda items: np.stack(items))
+        for batch in loader:
+            encoder.embed(batch)
+            n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def run(args) -> int:
+    import torch
+
+    from gigamamba.features.encoders import create_encoder
+    from gigamamba.ingest.plan import plan_slide, read_slide_jobs
+    from gigamamba.slides.synth import write_synthetic_cohort
+    from gigamamba.spec import resolve_spec
+
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    batch_size = args.batch_size or (256 if cuda else 32)
+    unique = min(args.unique_slides or args.slides, args.slides)
+    tag = f"u{unique}-s{args.size_px}"
+    cohort_dir = work / f"cohort-{tag}"
+    if not (cohort_dir / "cohort.csv").is_file():
+        t = time.perf_counter()
+        write_synthetic_cohort(cohort_dir, task="classification", n_slides=unique, seed=0, size_px=args.size_px,
+                               magnifications=(20,))
+        print(f"synthesised {unique} slides in {time.perf_counter() - t:.1f} s -> {cohort_dir}", file=sys.stderr)
+    import pandas as pd
+
+    base = pd.read_csv(cohort_dir / "cohort.csv", dtype={"slide_id": str})
+    rows = base.iloc[np.arange(args.slides) % len(base)].copy()
+    rows["slide_id"] = [f"b{k:04d}" for k in range(args.slides)]
+    rows["case_id"] = rows["slide_id"]
+    cohort_csv = cohort_dir / f"cohort-{args.slides}.csv"
+    rows.to_csv(cohort_csv, index=False)
+    tiling = {"patch_px": args.patch_px, "target_mpp": 0.5, "tissue_threshold": 0.25}
+    jobs, _ = read_slide_jobs(cohort_csv)
+    t = time.perf_counter()
+    plans = [plan_slide(j, tiling) for j in jobs]
+    plan_s = time.perf_counter() - t
+    n_tiles = sum(p.n_tiles for p in plans)
+    machine = _machine()
+    results = {"machine": machine, "slides": len(plans), "tiles": n_tiles, "tiles_per_slide": n_tiles / len(plans),
+               "encoder": args.encoder, "input_px": args.input_px, "batch_size": batch_size,
+               "plan_seconds_single_process": round(plan_s, 2), "tiles_per_s": {}}
+    print(f"{len(plans)} slides, {n_tiles} tiles ({n_tiles / len(plans):.0f} a slide); machine: {machine}",
+          file=sys.stderr)
+    rates = results["tiles_per_s"]
+
+    if "decode" not in args.skip:
+        rates["decode_ceiling"] = bench_decode(plans, args.input_px, args.tiles_per_task, os.cpu_count() or 1)
+        print(f"decode ceiling ({os.cpu_count()} processes): {rates['decode_ceiling']:.1f} tiles/s", file=sys.stderr)
+
+    if "encoder" not in args.skip or "clam" not in args.skip:
+        if not cuda:
+            torch.set_num_threads(os.cpu_count() or 1)
+        encoder = create_encoder(args.encoder, args.weights, args.input_px)
+        results["encoder_dim"] = encoder.dim
+        if "encoder" not in args.skip:
+            sample = _SlideTiles(plans[0], args.input_px)
+            tiles = np.stack([sample[k] for k in range(min(len(sample), 2 * batch_size))])
+            rates["encoder_ceiling"] = bench_encoder(encoder, tiles, batch_size, min_tiles=min(n_tiles, 4 * batch_size))
+            print(f"encoder ceiling: {rates['encoder_ceiling']:.1f} tiles/s", file=sys.stderr)
+        if "clam" not in args.skip:
+            rates["clam_loop"] = bench_clam(plans, encoder, args.input_px, batch_size)
+            print(f"CLAM-style single-process loop: {rates['clam_loop']:.1f} tiles/s", file=sys.stderr)
+        del encoder
+        if cuda:
+            torch.cuda.empty_cache()
+
+    if "pipeline" not in args.skip:
+        import ray
+
+        t = time.perf_counter()
+        if not ray.is_initialized():
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        results["ray_init_seconds"] = round(time.perf_counter() - t, 2)
+        from gigamamba.ingest.pipeline import embed_cohort
+
+        ingest = {"tiles_per_task": args.tiles_per_task}
+        if args.embed_actors:
+            ingest["embed_actors"] = args.embed_actors
+        if args.cpus_per_actor:
+            ingest["cpus_per_actor"] = args.cpus_per_actor
+        spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,
+                             "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
+                                         "batch_size": batch_size},
+                             "store": str(work / f"store-{tag}.zarr"), "ingest": ingest}, work)
+        t = time.perf_counter()
+        manifest = embed_cohort(spec, overwrite=True, progress=True)
+        wall = time.perf_counter() - t
+        done = int(manifest.loc[manifest.status == "complete", "n_tiles"].sum())
+        rates["end_to_end"] = done / wall
+        results["end_to_end_seconds"] = round(wall, 2)
+        tp = manifest.attrs.get("throughput", {})
+        stream = tp.get("streaming_seconds") or 0.0
+        # steady state: tiles after the first batch over the time from first to last batch back
+        if stream > 1.0 and tp.get("streaming_tiles", 0) > 0:
+            rates["steady_state"] = tp["streaming_tiles"] / stream
+            results["startup_seconds"] = round(wall - stream, 2)
+        print(f"end to end (Ray Data, plan + read + embed + write): {rates['end_to_end']:.1f} tiles/s "
+              f"({done} tiles in {wall:.1f} s; first to last tile {stream:.1f} s)", file=sys.stderr)
+
+    r = {k: round(v, 2) for k, v in rates.items()}
+    results["tiles_per_s"] = r
+    if "end_to_end" in r and "clam_loop" in r:
+        results["speedup_vs_clam"] = round(r["end_to_end"] / r["clam_loop"], 2)
+    ceilings = [r[k] for k in ("decode_ceiling", "encoder_ceiling") if k in r]
+    if "end_to_end" in r and ceilings:
+        results["fraction_of_lower_ceiling"] = round(r["end_to_end"] / min(ceilings), 3)
+    if "steady_state" in r and ceilings:
+        results["steady_fraction_of_lower_ceiling"] = round(r["steady_state"] / min(ceilings), 3)
+    out = Path(args.out) if args.out else work / "results.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(_table(results))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def _table(res: dict) -> str:
+    r = res["tiles_per_s"]
+    lines = [f"ingest bench: {res['slides']} slides, {res['tiles']} tiles ({res['tiles_per_slide']:.0f}/slide), "
+             f"encoder {res['encoder']} @ {res['input_px']} px, batch {res['batch_size']}",
+             f"machine: {res['machine'].get('gpu', 'no GPU')}; {res['machine']['cpu']} x {res['machine']['cores']} cores",
+             f"{'measure':<34}{'tiles/s':>10}"]
+    names = {"end_to_end": "end to end (Ray Data pipeline)", "steady_state": "  steady state (first->last tile)",
+             "decode_ceiling": "decode ceiling (all cores)",
+             "encoder_ceiling": "encoder ceiling (pre-decoded)", "clam_loop": "CLAM-style single-process loop"}
+    for key, name in names.items():
+        if key in r:
+            lines.append(f"{name:<34}{r[key]:>10.1f}")
+    if "speedup_vs_clam" in res:
+        lines.append(f"speed-up vs CLAM-style loop: {res['speedup_vs_clam']:.2f}x")
+    if "fraction_of_lower_ceiling" in res:
+        lines.append(f"end to end / lower ceiling: {res['fraction_of_lower_ceiling']:.0%}"
+                     + (f" (steady state {res['steady_fraction_of_lower_ceiling']:.0%})"
+                        if "steady_fraction_of_lower_ceiling" in res else ""))
+    return "\n".join(lines)
