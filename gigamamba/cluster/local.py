@@ -139,7 +139,7 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def start_head(self, timeout_s: float = 90) -> Node:
+    def start_head(self, timeout_s: float = 180) -> Node:
         node = self._start("head", [
             "--head", f"--port={self.gcs_port}", f"--num-cpus={self.head_cpus}",
             "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}",
@@ -149,16 +149,29 @@ class LocalCluster:
         self.wait_for_nodes(1, timeout_s)
         return node
 
-    def add_node(self, num_cpus: int = 1, resources: dict | None = None, timeout_s: float = 90) -> Node:
+    def add_node(self, num_cpus: int = 1, resources: dict | None = None, timeout_s: float = 120,
+                 attempts: int = 3) -> Node:
+        """Start one more node and wait until the GCS lists it alive.
+
+        `ray start` gives a raylet 30 s to register; on an overloaded machine that can lapse, so a node
+        that gave up is started again (up to `attempts` times) before this fails.
+        """
         import json
 
         n_before = len(self.alive_node_ids())
         args = [f"--address={self.address}", f"--num-cpus={num_cpus}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
-        node = self._start(f"node{len(self.nodes)}", args, head=False)
-        self.wait_for_nodes(n_before + 1, timeout_s, node)
-        return node
+        for attempt in range(1, attempts + 1):
+            node = self._start(f"node{len(self.nodes)}", args, head=False)
+            try:
+                self.wait_for_nodes(n_before + 1, timeout_s, node)
+                return node
+            except (RuntimeError, TimeoutError):
+                node.kill(signal.SIGKILL)
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def remove_node(self, node: Node) -> None:
         """Lose a node the hard way: SIGKILL its whole process group (raylet, its workers, its agents)."""
