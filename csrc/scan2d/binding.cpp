@@ -152,12 +152,14 @@ std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   int64_t BD = (int64_t)p.Bsz * p.D;
   Tensor du = torch::empty_like(u), ddelta = torch::empty_like(u);
   Tensor dz = z.has_value() ? torch::empty_like(u) : Tensor();
-  Tensor dB = torch::zeros(Bm.sizes(), f32), dC = torch::zeros(Bm.sizes(), f32);
-  Tensor dA = torch::zeros({p.D, p.N}, f32), dD = torch::zeros({p.D}, f32), ddb = torch::zeros({p.D}, f32);
   if (u.numel() == 0) {
     if (z.has_value()) dz.zero_();
-    return {du, ddelta, dA, dB, dC, dD, dz, ddb};
+    return {du, ddelta, torch::zeros({p.D, p.N}, f32), torch::zeros(Bm.sizes(), f32), torch::zeros(Bm.sizes(), f32),
+            torch::zeros({p.D}, f32), dz, torch::zeros({p.D}, f32)};
   }
+  // every element of these is written by the reductions
+  Tensor dB = torch::empty(Bm.sizes(), f32), dC = torch::empty(Bm.sizes(), f32);
+  Tensor dA = torch::empty({p.D, p.N}, f32), dD = torch::empty({p.D}, f32), ddb = torch::empty({p.D}, f32);
 
   Tensor rowc = rowc_saved.has_value() ? *rowc_saved : Tensor();
   Tensor colc = colc_saved.has_value() ? *colc_saved : Tensor();
@@ -202,6 +204,10 @@ std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   p.dbp = dbp.data_ptr<float>();
   scan2d::launch_bwd_final(p, dt, st);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (z.has_value()) {  // dz needs y; recomputing it here keeps bwd_final's registers for the adjoint
+    scan2d::launch_fwd_tiles(p, 3, dt, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   scan2d::launch_reduce(p, dA.data_ptr<float>(), dD.data_ptr<float>(), ddb.data_ptr<float>(), dB.data_ptr<float>(),
                         dC.data_ptr<float>(), st);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

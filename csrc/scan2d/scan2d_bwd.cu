@@ -104,14 +104,24 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
     if (!valid) continue;
     const float* Cs = Cbuf + (n & 1) * TILE;
 #pragma unroll
-    for (int r = TS - 1; r >= 0; --r) {
-      float a = ex2(Td[r * LD + lane] * A2);
-      float gv = fmaf(Cs[r * LD + lane], Ty[r * LD + lane], gcar);
-      if (MODE == 1) {
-        Ta[r * LD + lane] = a;
-        Tg[r * LD + lane] = gv;
+    for (int rc = TS - 8; rc >= 0; rc -= 8) {
+      float dv[8], cy[8];  // loaded ahead of the stores (see fwd_tile_kernel)
+#pragma unroll
+      for (int m = 7; m >= 0; --m) {
+        dv[m] = Td[(rc + m) * LD + lane];
+        cy[m] = Cs[(rc + m) * LD + lane] * Ty[(rc + m) * LD + lane];
       }
-      gcar = a * gv;
+#pragma unroll
+      for (int m = 7; m >= 0; --m) {
+        const int r = rc + m;
+        float a = ex2(dv[m] * A2);
+        float gv = cy[m] + gcar;
+        if (MODE == 1) {
+          Ta[r * LD + lane] = a;
+          Tg[r * LD + lane] = gv;
+        }
+        gcar = a * gv;
+      }
     }
     if (MODE == 0) {
       if (col_ok) p.rcolc[cbase + (int64_t)n * p.TR * W] = gcar;
@@ -173,7 +183,7 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
     const int64_t plane = bd * HW;
     const float Dd = p.Dv ? p.Dv[d] : 0.f;
 
-    float dl[TS], ul[TS], gu[TS], gd[TS], y[TS];
+    float dl[TS], ul[TS], gu[TS], gd[TS];
     float dD_acc = 0.f;
     if (valid) {
       stage_delta_dy<T>(p, plane, d, i0, j0, hb, wb, lane, Ta, Ty, Th);
@@ -186,7 +196,6 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
         ul[j] = Th[lane * LD + j];
         gu[j] = 0.f;
         gd[j] = 0.f;
-        y[j] = 0.f;
       }
       __syncwarp();
     }
@@ -200,30 +209,34 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       cp_async_commit();
     };
     // per-state scalars, loaded one state ahead: A, forward carries (hh, h), reverse carries (a*g, a*q)
-    float nx[5];
+    float nA, nhh, nh, ng, nq;
     auto load_next = [&](int n) {
-      nx[0] = valid ? p.A[d * N + n] : 0.f;
-      nx[1] = row_ok ? p.rowc[rbase + (int64_t)n * p.TC * H] : 0.f;
-      nx[2] = col_ok ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f;
-      nx[3] = col_ok ? p.rcolc[cbase + (int64_t)n * p.TR * W] : 0.f;
-      nx[4] = row_ok ? p.rrowc[rbase + (int64_t)n * p.TC * H] : 0.f;
+      nA = valid ? p.A[d * N + n] : 0.f;
+      nhh = row_ok ? p.rowc[rbase + (int64_t)n * p.TC * H] : 0.f;
+      nh = col_ok ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f;
+      ng = col_ok ? p.rcolc[cbase + (int64_t)n * p.TR * W] : 0.f;
+      nq = row_ok ? p.rrowc[rbase + (int64_t)n * p.TC * H] : 0.f;
     };
     issue(0);
     load_next(0);
-    constexpr int PER = TS * TS / (WPB * 32);  // partial cells per thread
+    constexpr int PER = TS * TS / (WPB * 32);  // partial cells per thread: (warp + WPB*m, lane)
+    const int cell0 = (i0 + warp) * W + j0 + lane;
+    auto cell_ok = [&](int m) { return i0 + warp + m * WPB < H && j0 + lane < W; };
     for (int n = 0; n < N; ++n) {
-      const float An = nx[0], A2 = An * LOG2E;
-      const float hh_in = nx[1], h_in = nx[2];
-      float gcar = nx[3], qc = nx[4];
+      const float An = nA, A2 = An * LOG2E;
+      const float hh_in = nhh, h_in = nh;
+      float gcar = ng, qc = nq;
       // this round's partials so far (the block wrote them in earlier rounds; zeros in round 0), copied
       // asynchronously into shared memory; each thread reads back only the cells it copied itself
+      float* dCn = p.dCp + pbase + (int64_t)n * HW;
+      float* dBn = p.dBp + pbase + (int64_t)n * HW;
 #pragma unroll
       for (int m = 0; m < PER; ++m) {
-        int e = threadIdx.x + m * WPB * 32, i = i0 + (e >> 5), j = j0 + (e & 31);
-        bool in = rr > 0 && i < H && j < W;
-        int64_t o = in ? pbase + (int64_t)n * HW + (int64_t)i * W + j : 0;
-        cp_async4(OldC + e, p.dCp + o, in);
-        cp_async4(OldB + e, p.dBp + o, in);
+        const int e = threadIdx.x + m * WPB * 32;  // cell (warp + WPB*m, lane) of the tile
+        const bool in = rr > 0 && cell_ok(m);
+        const int o = in ? cell0 + m * WPB * W : 0;
+        cp_async4(OldC + e, dCn + o, in);
+        cp_async4(OldB + e, dBn + o, in);
       }
       cp_async_commit();
       __syncthreads();
@@ -237,24 +250,42 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       __syncthreads();
       const float* Bs = Bbuf + (n & 1) * TILE;
       const float* Cs = Cbuf + (n & 1) * TILE;
+      // Each phase reads a few steps ahead of its stores (CH at a time), so loads need not queue
+      // behind stores to tiles the compiler cannot prove distinct.
+      constexpr int CH = 4, CH2 = 2;
       if (valid) {
         // forward, horizontal (lane = row)
         float hh = hh_in;
 #pragma unroll
-        for (int j = 0; j < TS; ++j) {
-          float a = ex2(dl[j] * A2);
-          hh = fmaf(a, hh, dl[j] * ul[j] * Bs[lane * LD + j]);
-          Ta[lane * LD + j] = a;
-          Th[lane * LD + j] = hh;
+        for (int jc = 0; jc < TS; jc += CH) {
+          float bv[CH];
+#pragma unroll
+          for (int m = 0; m < CH; ++m) bv[m] = Bs[lane * LD + jc + m];
+#pragma unroll
+          for (int m = 0; m < CH; ++m) {
+            const int j = jc + m;
+            float a = ex2(dl[j] * A2);
+            hh = fmaf(a, hh, dl[j] * ul[j] * bv[m]);
+            Ta[lane * LD + j] = a;
+            Th[lane * LD + j] = hh;
+          }
         }
         __syncwarp();
         // forward, vertical (lane = column)
         float h = h_in;
 #pragma unroll
-        for (int r = 0; r < TS; ++r) {
-          h = fmaf(Ta[r * LD + lane], h, Th[r * LD + lane]);
-          y[r] = fmaf(Cs[r * LD + lane], h, y[r]);
-          Tv[r * LD + lane] = h;
+        for (int rc = 0; rc < TS; rc += CH) {
+          float av[CH], hv[CH];
+#pragma unroll
+          for (int m = 0; m < CH; ++m) {
+            av[m] = Ta[(rc + m) * LD + lane];
+            hv[m] = Th[(rc + m) * LD + lane];
+          }
+#pragma unroll
+          for (int m = 0; m < CH; ++m) {
+            h = fmaf(av[m], h, hv[m]);
+            Tv[(rc + m) * LD + lane] = h;
+          }
         }
       }
       if (n + 1 < N) cp_async_wait<1>(); else cp_async_wait<0>();  // this thread's old partials
@@ -262,42 +293,63 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       // dC[n] += sum over this round's channels of dy * h, in warp order
 #pragma unroll
       for (int m = 0; m < PER; ++m) {
-        int e = threadIdx.x + m * WPB * 32, r = e >> 5, c = e & 31;
-        int i = i0 + r, j = j0 + c;
+        const int e = threadIdx.x + m * WPB * 32, sidx = (warp + m * WPB) * LD + lane;
         float acc = 0.f;
         for (int w = 0; w < nvalid; ++w) {
           const float* base = TY + w * 5 * TILE;
-          acc = fmaf(base[r * LD + c], base[3 * TILE + r * LD + c], acc);
+          acc = fmaf(base[sidx], base[3 * TILE + sidx], acc);
         }
-        if (i < H && j < W) p.dCp[pbase + (int64_t)n * HW + (int64_t)i * W + j] = OldC[e] + acc;
+        if (cell_ok(m)) dCn[cell0 + m * WPB * W] = OldC[e] + acc;
       }
       __syncthreads();
       if (valid) {
         // adjoint, vertical (lane = column, bottom -> top); g overwrites h, which row r+1 has used
 #pragma unroll
-        for (int r = TS - 1; r >= 0; --r) {
-          float hprev = r > 0 ? Tv[(r - 1) * LD + lane] : h_in;
-          float gv = fmaf(Cs[r * LD + lane], Ty[r * LD + lane], gcar);
-          Tw[r * LD + lane] = gv * hprev;
-          Tv[r * LD + lane] = gv;
-          gcar = Ta[r * LD + lane] * gv;
+        for (int rc = TS - CH; rc >= 0; rc -= CH) {
+          float hp[CH], cy[CH], av[CH];
+#pragma unroll
+          for (int m = CH - 1; m >= 0; --m) {
+            const int r = rc + m;
+            hp[m] = r > 0 ? Tv[(r - 1) * LD + lane] : h_in;
+            cy[m] = Cs[r * LD + lane] * Ty[r * LD + lane];
+            av[m] = Ta[r * LD + lane];
+          }
+#pragma unroll
+          for (int m = CH - 1; m >= 0; --m) {
+            const int r = rc + m;
+            float gv = cy[m] + gcar;
+            Tw[r * LD + lane] = gv * hp[m];
+            Tv[r * LD + lane] = gv;
+            gcar = av[m] * gv;
+          }
         }
         __syncwarp();
         // adjoint, horizontal (lane = row, right -> left); q*delta*u overwrites hh, which column j+1 has used
         float dA_acc = 0.f;
 #pragma unroll
-        for (int j = TS - 1; j >= 0; --j) {
-          float a = Ta[lane * LD + j];
-          float q = Tv[lane * LD + j] + qc;
-          float hhp = j > 0 ? Th[lane * LD + j - 1] : hh_in;
-          float ea = fmaf(q, hhp, Tw[lane * LD + j]) * a;  // d(loss)/d(a) * a
-          float Bv = Bs[lane * LD + j];
-          float qd = q * dl[j];
-          gu[j] = fmaf(qd, Bv, gu[j]);
-          gd[j] = fmaf(q * Bv, ul[j], fmaf(ea, An, gd[j]));
-          dA_acc = fmaf(ea, dl[j], dA_acc);
-          Th[lane * LD + j] = qd * ul[j];
-          qc = a * q;
+        for (int jc = TS - CH2; jc >= 0; jc -= CH2) {
+          float av[CH2], gv[CH2], hp[CH2], tw[CH2], bv[CH2];
+#pragma unroll
+          for (int m = CH2 - 1; m >= 0; --m) {
+            const int j = jc + m;
+            av[m] = Ta[lane * LD + j];
+            gv[m] = Tv[lane * LD + j];
+            hp[m] = j > 0 ? Th[lane * LD + j - 1] : hh_in;
+            tw[m] = Tw[lane * LD + j];
+            bv[m] = Bs[lane * LD + j];
+          }
+#pragma unroll
+          for (int m = CH2 - 1; m >= 0; --m) {
+            const int j = jc + m;
+            float q = gv[m] + qc;
+            float ea = fmaf(q, hp[m], tw[m]) * av[m];  // d(loss)/d(a) * a
+            float qb = q * bv[m];
+            gu[j] += qb;                                // du = delta * sum_n q B_n (+ D dy)
+            gd[j] = fmaf(ea, An, gd[j]);                // ddelta = u * sum_n q B_n + sum_n ea A_n
+            dA_acc = fmaf(ea, dl[j], dA_acc);
+            Th[lane * LD + j] = q * dl[j] * ul[j];
+            qc = av[m] * q;
+          }
         }
         dA_acc = warp_sum(dA_acc);
         if (lane == 0) p.dAp[((int64_t)(b * ntiles + tile) * p.D + d) * N + n] = dA_acc;
@@ -306,11 +358,10 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       // dB[n] += sum over this round's channels of q * delta * u, in warp order
 #pragma unroll
       for (int m = 0; m < PER; ++m) {
-        int e = threadIdx.x + m * WPB * 32, r = e >> 5, c = e & 31;
-        int i = i0 + r, j = j0 + c;
+        const int e = threadIdx.x + m * WPB * 32, sidx = (warp + m * WPB) * LD + lane;
         float acc = 0.f;
-        for (int w = 0; w < nvalid; ++w) acc += TY[w * 5 * TILE + 2 * TILE + r * LD + c];
-        if (i < H && j < W) p.dBp[pbase + (int64_t)n * HW + (int64_t)i * W + j] = OldB[e] + acc;
+        for (int w = 0; w < nvalid; ++w) acc += TY[w * 5 * TILE + 2 * TILE + sidx];
+        if (cell_ok(m)) dBn[cell0 + m * WPB * W] = OldB[e] + acc;
       }
     }
     __syncthreads();
@@ -319,14 +370,11 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       // transpose the row-wise accumulators through shared memory, then write coalesced
 #pragma unroll
       for (int j = 0; j < TS; ++j) {
-        Ta[lane * LD + j] = gu[j];
-        Th[lane * LD + j] = gd[j];
+        Ta[lane * LD + j] = dl[j] * gu[j];
+        Th[lane * LD + j] = fmaf(ul[j], gu[j], gd[j]);
       }
       __syncwarp();
       const T* dp = (const T*)p.delta + plane;
-      const T* zp = p.z ? (const T*)p.z + plane : nullptr;
-      const T* gp = (const T*)p.dout + plane;
-      const T* up = (const T*)p.u + plane;
       const float bias = p.dbias ? p.dbias[d] : 0.f;
       float db_acc = 0.f;
 #pragma unroll
@@ -334,22 +382,15 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
         int i = i0 + r, j = j0 + lane;
         if (i < H && j < W) {
           int64_t o = (int64_t)i * W + j;
-          float vu = 0.f, vd = 0.f, vz = 0.f;
+          float vu = 0.f, vd = 0.f;
           if (i < hb && j < wb) {
             vu = fmaf(Dd, Ty[r * LD + lane], Ta[r * LD + lane]);
             vd = Th[r * LD + lane];
             if (p.softplus) vd *= sigmoid_f(tof(dp[o]) + bias);
             db_acc += vd;
-            if (zp) {
-              float zv = tof(zp[o]);
-              float sz = sigmoid_f(zv);
-              float yv = fmaf(Dd, tof(up[o]), y[r]);
-              vz = tof(gp[o]) * yv * sz * (1.f + zv * (1.f - sz));
-            }
           }
           ((T*)p.du)[plane + o] = fromf<T>(vu);
           ((T*)p.ddelta)[plane + o] = fromf<T>(vd);
-          if (zp) ((T*)p.dz)[plane + o] = fromf<T>(vz);
         }
       }
       dD_acc = warp_sum(dD_acc);

@@ -8,6 +8,7 @@ namespace scan2d {
 // MODE 0: row aggregates (hh at the tile's last column, scanned from 0; row sums of delta).
 // MODE 1: column aggregates (hh with its true row carry, then h from 0 to the tile's last row).
 // MODE 2: the output, with both carries.
+// MODE 3: as MODE 2, but writes dz = dout * y * silu'(z) (backward; y is needed only there).
 template <typename T, int MODE>
 __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
   extern __shared__ float sm[];
@@ -82,13 +83,13 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
   const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;
   auto issue = [&](int n) {
     stage_bc(Bbase + n * HW, Bbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
-    if (MODE == 2) stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+    if (MODE >= 2) stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
     cp_async_commit();
   };
   // the next state's scalars are loaded one state ahead, so their latency hides behind the scans
   auto loadA = [&](int n) { return valid ? p.A[d * N + n] : 0.f; };
   auto loadR = [&](int n) { return (MODE != 0 && row_ok) ? p.rowc[rbase + (int64_t)n * p.TC * H] : 0.f; };
-  auto loadC = [&](int n) { return (MODE == 2 && col_ok) ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f; };
+  auto loadC = [&](int n) { return (MODE >= 2 && col_ok) ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f; };
   issue(0);
   float A_nx = loadA(0), r_nx = loadR(0), c_nx = loadC(0);
   for (int n = 0; n < N; ++n) {
@@ -109,13 +110,21 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
     const float* Bs = Bbuf + (n & 1) * TILE;
     const float* Cs = Cbuf + (n & 1) * TILE;
     // horizontal: lane = row
+    // B is read 8 columns ahead of the stores: the loads need not wait behind stores that might alias
 #pragma unroll
-    for (int j = 0; j < TS; ++j) {
-      float a = ex2(dl[j] * A2);
-      hh = fmaf(a, hh, dul[j] * Bs[lane * LD + j]);
-      if (MODE != 0) {
-        T0[lane * LD + j] = a;
-        T1[lane * LD + j] = hh;
+    for (int jc = 0; jc < TS; jc += 8) {
+      float bv[8];
+#pragma unroll
+      for (int m = 0; m < 8; ++m) bv[m] = Bs[lane * LD + jc + m];
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+        const int j = jc + m;
+        float a = ex2(dl[j] * A2);
+        hh = fmaf(a, hh, dul[j] * bv[m]);
+        if (MODE != 0) {
+          T0[lane * LD + j] = a;
+          T1[lane * LD + j] = hh;
+        }
       }
     }
     if (MODE == 0) {
@@ -127,15 +136,16 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
 #pragma unroll
     for (int r = 0; r < TS; ++r) {
       h = fmaf(T0[r * LD + lane], h, T1[r * LD + lane]);
-      if (MODE == 2) y[r] = fmaf(Cs[r * LD + lane], h, y[r]);
+      if (MODE >= 2) y[r] = fmaf(Cs[r * LD + lane], h, y[r]);
     }
     if (MODE == 1 && col_ok) p.colc[cbase + (int64_t)n * p.TR * W] = h;
     __syncwarp();
   }
 
-  if (MODE == 2 && valid) {
+  if (MODE >= 2 && valid) {
     const T* zp = p.z ? (const T*)p.z + plane : nullptr;
-    T* op = (T*)p.out + plane;
+    const T* gp = MODE == 3 ? (const T*)p.dout + plane : nullptr;
+    T* op = (T*)(MODE == 2 ? p.out : p.dz) + plane;
     const float Dd = p.Dv ? p.Dv[d] : 0.f;
 #pragma unroll
     for (int r = 0; r < TS; ++r) {
@@ -144,10 +154,16 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
         int64_t o = (int64_t)i * W + j;
         float v = 0.f;
         if (i < hb && j < wb) {
-          v = y[r] + Dd * tof(up[o]);
-          if (zp) {
-            float zv = tof(zp[o]);
-            v *= zv * sigmoid_f(zv);
+          float yv = y[r] + Dd * tof(up[o]);
+          if (MODE == 2) {
+            v = yv;
+            if (zp) {
+              float zv = tof(zp[o]);
+              v *= zv * sigmoid_f(zv);
+            }
+          } else {
+            float zv = tof(zp[o]), sz = sigmoid_f(zv);
+            v = tof(gp[o]) * yv * sz * (1.f + zv * (1.f - sz));
           }
         }
         op[o] = fromf<T>(v);
@@ -172,12 +188,23 @@ __global__ void carry_scan_kernel(float* loc, const float* __restrict__ S, const
   float* L = loc + bdn * T * lines + line;
   const float* Sp = S + bd * T * lines + line;
   float c = 0.f;
-  for (int k = 0; k < T; ++k) {
-    int tt = reverse ? T - 1 - k : k;
-    float l = L[(int64_t)tt * lines];
-    float P = ex2(A2 * Sp[(int64_t)tt * lines]);
-    L[(int64_t)tt * lines] = c;
-    c = fmaf(P, c, l);
+  for (int k0 = 0; k0 < T; k0 += 8) {
+    // 8 tiles' aggregates loaded at once: the loads do not wait on the stores of earlier tiles
+    float l[8], S8[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      int k = k0 + m, tt = reverse ? T - 1 - k : k;
+      l[m] = k < T ? L[(int64_t)tt * lines] : 0.f;
+      S8[m] = k < T ? Sp[(int64_t)tt * lines] : 0.f;
+    }
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      int k = k0 + m, tt = reverse ? T - 1 - k : k;
+      if (k < T) {
+        L[(int64_t)tt * lines] = c;
+        c = fmaf(ex2(A2 * S8[m]), c, l[m]);
+      }
+    }
   }
 }
 
@@ -194,7 +221,8 @@ template <typename T>
 static void launch_t(const Params& p, int mode, cudaStream_t st) {
   if (mode == 0) launch_mode<T, 0>(p, st);
   else if (mode == 1) launch_mode<T, 1>(p, st);
-  else launch_mode<T, 2>(p, st);
+  else if (mode == 2) launch_mode<T, 2>(p, st);
+  else launch_mode<T, 3>(p, st);
 }
 
 void launch_fwd_tiles(const Params& p, int mode, int dtype, cudaStream_t st) {
