@@ -109,6 +109,26 @@ def test_rayjob_runs_a_real_pipeline():
         assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
 
 
+def test_rayjob_state_is_shared():
+    """The pipeline the RayJob runs, with its --set overrides, passes the cluster shared-state check."""
+    from gigamamba.cli import build_parser
+    from gigamamba.cluster import check_shared_state
+    from gigamamba.commands.train import overrides_from_args
+    from gigamamba.spec import load_spec
+
+    command = _yaml("rayjob.yaml")["spec"]["entrypoint"]
+    assert "$MLFLOW_TRACKING_URI" in command  # from the Secret, never a literal
+    argv = gigamamba_command(command.replace("$MLFLOW_TRACKING_URI", "http://mlflow.mlflow.svc:5000"))
+    args = build_parser(argv).parse_args(argv)
+    spec = load_spec(ROOT / args.spec, overrides_from_args(args))
+    check_shared_state(spec)
+    # and without the overrides the same spec is refused: the check is what keeps the manifest honest
+    from gigamamba.spec import SpecError
+
+    with pytest.raises(SpecError):
+        check_shared_state(load_spec(ROOT / args.spec))
+
+
 def test_rayjob_entrypoint_parses_with_the_cli():
     """The entrypoint's arguments are accepted by the real argument parser of that subcommand."""
     from gigamamba.cli import build_parser
