@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
         "cpus_per_worker": 1, "max_failures": 2,   # FailureConfig: restarts from the last checkpoint
         "attention_slides": 3,       # validation slides with attention heatmaps per fold
         "torch_threads": None, "loader_workers": 0, "find_unused_parameters": False,
+        "normalize": True,           # standardise features per channel with the fold's training cells
+        "storage_path": None,        # Ray Train checkpoints; None: {run_dir}/ray_results (shared FS on clusters)
     },
     "cv": {
         "folds": 5, "seed": 0, "val_fraction": 0.15,
@@ -66,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys whose values are filesystem paths (or URIs) to resolve against the spec's folder.
-PATH_KEYS = [("cohort", "csv"), ("cohort", "slide_dir"), ("store",), ("run_dir",), ("cv", "splits_dir")]
+PATH_KEYS = [("cohort", "csv"), ("cohort", "slide_dir"), ("store",), ("run_dir",), ("cv", "splits_dir"), ("train", "storage_path")]
 
 
 class SpecError(ValueError):

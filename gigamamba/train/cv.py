@@ -30,7 +30,7 @@ from gigamamba.cohorts import (
     splits_frame,
 )
 from gigamamba.train import tracking
-from gigamamba.train.data import complete_slides, feature_dim, open_store
+from gigamamba.train.data import complete_slides, feature_dim, open_store, training_stats
 from gigamamba.train.loop import DEFAULT_MONITOR, train_fold
 from gigamamba.train.metrics import mean_std, metric_names
 
@@ -96,6 +96,7 @@ def fold_config(spec: dict, meta: dict, cohort: pd.DataFrame, fold, in_dim: int,
         "slides": slides,
         "tracking": tracking_info,
         "fault": spec["train"].get("fault"),
+        "norm": training_stats(spec["store"], slides["train"]["slide_id"]) if spec["train"].get("normalize", True) else None,
     }
 
 
@@ -137,7 +138,7 @@ def _log_fold(client, child_id: str, fold_out: dict, meta: dict, spec: dict, sto
 
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     tracking.fill_epoch_history(client, child_id, state["loop"]["history"])
-    final = {k: v for k, v in fold_out["metrics"].items() if k.startswith(("test_", "best_val_")) or k in ("best_epoch", "epochs_run")}
+    final = {k: v for k, v in fold_out["metrics"].items() if k.startswith(("test_", "best_val_")) or k in ("best_epoch", "epochs_run", "restarts")}
     tracking.log_metrics(client, child_id, final, step=int(final.get("best_epoch", 0) or 0))
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -222,7 +223,7 @@ def run_cv(spec: dict, progress: bool = True) -> dict:
         _ensure_ray(spec)
         tc = spec["train"]
         use_gpu = _use_gpu(tc.get("use_gpu", "auto"))
-        storage = str((run_dir / "ray_results").resolve())
+        storage = str(tc.get("storage_path") or (run_dir / "ray_results").resolve())
         jobs = []
         for fold in folds:
             child_id = tracking.create_child(client, exp_id, parent_id, fold.k, tags)

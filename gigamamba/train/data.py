@@ -57,6 +57,22 @@ def complete_slides(path) -> list[str]:
     return list(_open_store(path).complete_slides())
 
 
+def training_stats(path, slide_ids) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over the tissue cells of the given slides."""
+    try:
+        from gigamamba.features.store import channel_stats
+    except ImportError:
+        channel_stats = None
+    if channel_stats is not None:
+        mean, std = channel_stats(path, list(slide_ids))
+    else:
+        store = _open_store(path)
+        cells = np.concatenate([f[m].astype(np.float64) for f, m in (store.read(s) for s in slide_ids)])
+        mean, std = cells.mean(0), cells.std(0)
+    std = np.where(np.asarray(std) > 1e-6, std, 1.0)
+    return np.asarray(mean, dtype=float).tolist(), np.asarray(std, dtype=float).tolist()
+
+
 def feature_dim(path) -> int:
     store = _open_store(path)
     enc = dict(store.attrs).get("encoder") or {}
@@ -69,10 +85,13 @@ def feature_dim(path) -> int:
 class GridDataset(Dataset):
     """Slides of one fold part; each item is (features (H,W,D) float32, mask (H,W) bool, target dict, index)."""
 
-    def __init__(self, store_path: str | Path, slides: pd.DataFrame, task: str):
+    def __init__(self, store_path: str | Path, slides: pd.DataFrame, task: str, norm: tuple | None = None):
         self.store_path = str(store_path)
         self.slides = slides.reset_index(drop=True)
         self.task = task
+        # Per-channel (mean, std) of the fold's training cells: encoder features (random weights above all)
+        # come in very different scales per channel.
+        self.norm = None if norm is None else tuple(np.asarray(v, dtype=np.float32) for v in norm)
         self._store = None  # opened per worker process, after pickling
 
     def __len__(self) -> int:
@@ -83,8 +102,12 @@ class GridDataset(Dataset):
             self._store = _open_store(self.store_path)
         row = self.slides.iloc[i]
         feats, mask = self._store.read(str(row["slide_id"]))
-        feats = torch.from_numpy(np.asarray(feats, dtype=np.float32))
-        mask = torch.from_numpy(np.asarray(mask, dtype=bool))
+        feats = np.asarray(feats, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if self.norm is not None:
+            feats = np.where(mask[..., None], (feats - self.norm[0]) / self.norm[1], 0.0).astype(np.float32)
+        feats = torch.from_numpy(feats)
+        mask = torch.from_numpy(mask)
         if self.task == "classification":
             target = {"y": int(row["y"])}
         else:
@@ -98,7 +121,7 @@ class GridDataset(Dataset):
 
 
 def collate_grids(items):
-    """Pad slides to the largest grid; padding is zero features under a False mask."""
+    """Pad slides to the largest grid: zero features under a False mask; returns (feats, mask, sizes, targets, index)."""
     H = max(f.shape[0] for f, *_ in items)
     W = max(f.shape[1] for f, *_ in items)
     D = items[0][0].shape[-1]
@@ -107,6 +130,8 @@ def collate_grids(items):
     for b, (f, m, _, _) in enumerate(items):
         feats[b, : f.shape[0], : f.shape[1]] = f
         mask[b, : m.shape[0], : m.shape[1]] = m
+    # The real (H_b, W_b) of each grid tells the variable-size scan where padding starts.
+    sizes = torch.tensor([[f.shape[0], f.shape[1]] for f, *_ in items], dtype=torch.long)
     targets = {k: torch.tensor([t[k] for _, _, t, _ in items]) for k in items[0][2]}
     index = torch.tensor([i for *_, i in items])
-    return feats, mask, targets, index
+    return feats, mask, sizes, targets, index

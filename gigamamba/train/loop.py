@@ -100,9 +100,9 @@ def predict(model, dataset: GridDataset, device, task: str, rank: int, world: in
     idx = list(range(rank, len(dataset), world))
     for start in range(0, len(idx), batch_size):
         items = [dataset[i] for i in idx[start : start + batch_size]]
-        feats, mask, _, index = collate_grids(items)
+        feats, mask, sizes, _, index = collate_grids(items)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(feats.to(device), mask.to(device))
+            logits = model(feats.to(device), mask.to(device), sizes=sizes.to(device))
         preds = predictions_from_logits(logits, task)
         for b, i in enumerate(index.tolist()):
             rows.append((i, preds[b]))
@@ -132,9 +132,9 @@ def _attention_maps(model, dataset: GridDataset, device, n: int) -> dict[str, np
     maps = {}
     model.eval()
     for i in range(min(n, len(dataset))):
-        feats, mask, _, _ = collate_grids([dataset[i]])
+        feats, mask, sizes, _, _ = collate_grids([dataset[i]])
         with torch.no_grad():
-            model(feats.to(device), mask.to(device))
+            model(feats.to(device), mask.to(device), sizes=sizes.to(device))
         att = getattr(model, "last_attention", None)
         if att is None:
             return {}
@@ -196,7 +196,8 @@ def train_fold(config: dict) -> None:
         torch.set_num_threads(int(tc["torch_threads"]))
     device = ray.train.torch.get_device()
 
-    parts = {p: GridDataset(config["store"], pd.DataFrame(config["slides"][p]), task) for p in ("train", "val", "test")}
+    norm = config.get("norm")
+    parts = {p: GridDataset(config["store"], pd.DataFrame(config["slides"][p]), task, norm) for p in ("train", "val", "test")}
     model = build_model(config["model"], config["in_dim"], config["n_classes"])
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(tc.get("find_unused_parameters", False))})
     net = _unwrap(model)
@@ -228,6 +229,7 @@ def train_fold(config: dict) -> None:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         state = saved["loop"]
+        state["restarts"] = int(state.get("restarts", 0)) + 1
         print(f"gigamamba: fold {config['fold']} rank {rank} resumed at epoch {state['epoch']}")
 
     patience = int(tc.get("patience", 0) or 0)
@@ -241,12 +243,12 @@ def train_fold(config: dict) -> None:
         model.train()
         total, n = 0.0, 0
         opt.zero_grad(set_to_none=True)
-        for step, (feats, mask, targets, _) in enumerate(loader):
+        for step, (feats, mask, sizes, targets, _) in enumerate(loader):
             last_micro = (step + 1) % accum == 0 or step + 1 == len(loader)
             sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else _null()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(feats.to(device), mask.to(device))
+                    logits = model(feats.to(device), mask.to(device), sizes=sizes.to(device))
                 loss = compute_loss(logits, {k: v.to(device) for k, v in targets.items()}, task)
                 (loss / accum).backward()
             if last_micro:
@@ -290,7 +292,8 @@ def train_fold(config: dict) -> None:
     net.load_state_dict(best_weights)
     val_pred, val = _evaluate(net, parts["val"], device, task, rank, world)
     test_pred, test = _evaluate(net, parts["test"], device, task, rank, world)
-    final = {"fold": config["fold"], "final": 1, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"]}
+    final = {"fold": config["fold"], "final": 1, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+             "restarts": int(state.get("restarts", 0))}
     final.update({f"best_val_{k}": v for k, v in val.items()})
     final.update({f"test_{k}": v for k, v in test.items()})
     extra = {}

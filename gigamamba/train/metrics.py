@@ -44,6 +44,9 @@ def classification_metrics(y_true, probs) -> dict[str, float]:
         "f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
     }
     present = np.unique(y_true)
+    if len(present) < 2:  # one class only in this set: AUC undefined
+        out["auc"] = math.nan
+        return out
     try:
         if n_classes == 2:
             out["auc"] = float(roc_auc_score(y_true, probs[:, 1]))
