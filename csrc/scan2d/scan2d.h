@@ -22,6 +22,8 @@ constexpr int TS = 32;          // tile side, rows and columns (= warp size)
 constexpr int LD = TS + 1;      // padded shared-memory row: row- and column-wise walks are conflict-free
 constexpr int TILE = TS * LD;   // floats in one shared tile
 constexpr int WPB = 4;          // warps (channels) per block
+constexpr int NBUF = 4;         // states in flight (cp.async ring) in the tile passes
+constexpr int SCAL = 72;        // per warp and state: 32 row carries, 32 column carries, A (padded)
 constexpr float LOG2E = 1.4426950408889634f;
 
 struct Params {

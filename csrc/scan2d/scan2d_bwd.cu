@@ -39,9 +39,10 @@ __device__ __forceinline__ void stage_delta_dy(const Params& p, int64_t plane, i
 template <typename T, int MODE>
 __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
   extern __shared__ float sm[];
-  float* Cbuf = sm;  // two C tiles: state n computes while n+1 loads
+  float* Cring = sm;                   // NBUF C tiles
+  float* Sring = sm + NBUF * TILE;     // NBUF x WPB x (-, column carries, A)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* Td = sm + 2 * TILE + warp * 4 * TILE;  // delta
+  float* Td = Sring + NBUF * WPB * SCAL + warp * 4 * TILE;  // delta
   float* Ty = Td + TILE;                    // dy
   float* Ta = Ty + TILE;                    // a
   float* Tg = Ta + TILE;                    // g
@@ -80,29 +81,28 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
   const bool row_ok = valid && i0 + lane < H, col_ok = valid && j0 + lane < W;
   const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;  // + n*TC*H
   const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;  // + n*TR*W
-  auto issue = [&](int n) {
-    stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+  auto issue = [&](int n) {  // a ring of NBUF states in flight, as in fwd_tile_kernel
+    if (n < N) {
+      const int slot = n % NBUF;
+      stage_bc(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
+      float* sc = Sring + (slot * WPB + warp) * SCAL;
+      if (MODE == 1) cp_async4(sc + 32 + lane, p.rcolc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
+      if (lane == 0) cp_async4(sc + 64, p.A + d * N + n, valid);
+    }
     cp_async_commit();
   };
-  auto loadA = [&](int n) { return valid ? p.A[d * N + n] : 0.f; };
-  auto loadG = [&](int n) { return (MODE == 1 && col_ok) ? p.rcolc[cbase + (int64_t)n * p.TR * W] : 0.f; };
-  issue(0);
-  float A_nx = loadA(0), g_nx = loadG(0);
+  for (int k = 0; k < NBUF - 1; ++k) issue(k);
   for (int n = 0; n < N; ++n) {
-    const float A2 = A_nx * LOG2E;
-    float gcar = g_nx;
     __syncthreads();
-    if (n + 1 < N) {
-      issue(n + 1);
-      A_nx = loadA(n + 1);
-      g_nx = loadG(n + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    issue(n + NBUF - 1);
+    cp_async_wait<NBUF - 1>();
     __syncthreads();
     if (!valid) continue;
-    const float* Cs = Cbuf + (n & 1) * TILE;
+    const int slot = n % NBUF;
+    const float* Cs = Cring + slot * TILE;
+    const float* sc = Sring + (slot * WPB + warp) * SCAL;
+    const float A2 = sc[64] * LOG2E;
+    float gcar = MODE == 1 ? sc[32 + lane] : 0.f;
 #pragma unroll
     for (int rc = TS - 8; rc >= 0; rc -= 8) {
       float dv[8], cy[8];  // loaded ahead of the stores (see fwd_tile_kernel)
@@ -424,7 +424,7 @@ __global__ void reduce_cols_kernel(const float* __restrict__ part, float* out, i
 
 template <typename T, int MODE>
 static void launch_agg_t(const Params& p, cudaStream_t st) {
-  size_t smem = (2 + 4 * WPB) * TILE * sizeof(float);
+  size_t smem = ((NBUF + 4 * WPB) * TILE + NBUF * WPB * SCAL) * sizeof(float);
   auto kern = bwd_agg_kernel<T, MODE>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.CPG;

@@ -12,10 +12,11 @@ namespace scan2d {
 template <typename T, int MODE>
 __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
   extern __shared__ float sm[];
-  float* Bbuf = sm;             // two B tiles: state n computes while n+1 loads
-  float* Cbuf = sm + 2 * TILE;  // two C tiles
+  float* Bring = sm;                     // NBUF B tiles
+  float* Cring = Bring + NBUF * TILE;    // NBUF C tiles (MODE >= 2)
+  float* Sring = Cring + NBUF * TILE;    // NBUF x WPB x (row carries, column carries, A)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* T0 = sm + 4 * TILE + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
+  float* T0 = Sring + NBUF * WPB * SCAL + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
   float* T1 = T0 + TILE;                        // u staging, then hh
 
   const int chunks = p.G * p.CPG, ntiles = p.TR * p.TC;
@@ -81,34 +82,33 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
   // index of state n's carries: row carry at rbase + n*TC*H, column carry at cbase + n*TR*W
   const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;
   const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;
+  // Ring of NBUF states in flight: B/C tiles, and per warp its row/column carries and A (cp.async),
+  // so a state's loads are issued NBUF-1 states before it is computed.
   auto issue = [&](int n) {
-    stage_bc(Bbase + n * HW, Bbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
-    if (MODE >= 2) stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
-    cp_async_commit();
-  };
-  // the next state's scalars are loaded one state ahead, so their latency hides behind the scans
-  auto loadA = [&](int n) { return valid ? p.A[d * N + n] : 0.f; };
-  auto loadR = [&](int n) { return (MODE != 0 && row_ok) ? p.rowc[rbase + (int64_t)n * p.TC * H] : 0.f; };
-  auto loadC = [&](int n) { return (MODE >= 2 && col_ok) ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f; };
-  issue(0);
-  float A_nx = loadA(0), r_nx = loadR(0), c_nx = loadC(0);
-  for (int n = 0; n < N; ++n) {
-    const float A2 = A_nx * LOG2E;
-    float hh = r_nx, h = c_nx;
-    __syncthreads();  // everyone is done with the buffers of state n-1
-    if (n + 1 < N) {
-      issue(n + 1);
-      A_nx = loadA(n + 1);
-      r_nx = loadR(n + 1);
-      c_nx = loadC(n + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+    if (n < N) {
+      const int slot = n % NBUF;
+      stage_bc(Bbase + n * HW, Bring + slot * TILE, i0, j0, hb, wb, W);
+      if (MODE >= 2) stage_bc(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
+      float* sc = Sring + (slot * WPB + warp) * SCAL;
+      if (MODE != 0) cp_async4(sc + lane, p.rowc + (row_ok ? rbase + (int64_t)n * p.TC * H : 0), row_ok);
+      if (MODE >= 2) cp_async4(sc + 32 + lane, p.colc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
+      if (lane == 0) cp_async4(sc + 64, p.A + d * N + n, valid);
     }
+    cp_async_commit();  // possibly empty: keeps one group per state
+  };
+  for (int k = 0; k < NBUF - 1; ++k) issue(k);
+  for (int n = 0; n < N; ++n) {
+    __syncthreads();  // everyone is done with the slot of state n-1, which state n+NBUF-1 reuses
+    issue(n + NBUF - 1);
+    cp_async_wait<NBUF - 1>();
     __syncthreads();
     if (!valid) continue;
-    const float* Bs = Bbuf + (n & 1) * TILE;
-    const float* Cs = Cbuf + (n & 1) * TILE;
+    const int slot = n % NBUF;
+    const float* Bs = Bring + slot * TILE;
+    const float* Cs = Cring + slot * TILE;
+    const float* sc = Sring + (slot * WPB + warp) * SCAL;
+    const float A2 = sc[64] * LOG2E;
+    float hh = MODE != 0 ? sc[lane] : 0.f, h = MODE >= 2 ? sc[32 + lane] : 0.f;
     // horizontal: lane = row
     // B is read 8 columns ahead of the stores: the loads need not wait behind stores that might alias
 #pragma unroll
@@ -210,7 +210,7 @@ __global__ void carry_scan_kernel(float* loc, const float* __restrict__ S, const
 
 template <typename T, int MODE>
 static void launch_mode(const Params& p, cudaStream_t st) {
-  size_t smem = (4 + 2 * WPB) * TILE * sizeof(float);
+  size_t smem = ((2 * NBUF + 2 * WPB) * TILE + NBUF * WPB * SCAL) * sizeof(float);
   auto kern = fwd_tile_kernel<T, MODE>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.CPG;
