@@ -44,7 +44,33 @@ def shared():
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def mlflow_launch(shared):
+    """Start an MLflow tracking server on 127.0.0.1 without waiting for it (it starts while the cluster does)."""
+    port = local.free_port()
+    root = shared / "mlflow"
+    root.mkdir()
+    log = open(root / "server.log", "wb")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        yield proc, f"http://127.0.0.1:{port}", root / "server.log"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(mlflow_launch):
     c = local.LocalCluster(head_cpus=0)
     try:
         c.start_head()
@@ -65,38 +91,19 @@ def ensure_workers(c, n: int = 2) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(shared):
-    port = local.free_port()
-    root = shared / "mlflow"
-    root.mkdir()
-    log = open(root / "server.log", "wb")
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
+def mlflow_server(mlflow_launch):
+    proc, url, log = mlflow_launch
+    deadline = time.monotonic() + 300  # a loaded 2-core machine takes minutes to import the server
+    while True:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
