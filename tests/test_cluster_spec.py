@@ -214,3 +214,24 @@ def test_checkpoints_load_weights_only():
                 if not ok:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def test_address_precedence(monkeypatch):
+    from gigamamba.cluster.jobs import DEFAULT_ADDRESS, resolve_address
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) == DEFAULT_ADDRESS == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1111")
+    assert resolve_address(None) == "http://127.0.0.1:1111"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:2222")
+    assert resolve_address(None) == "http://127.0.0.1:2222"
+    assert resolve_address("http://127.0.0.1:3333") == "http://127.0.0.1:3333"
+
+
+@pytest.mark.parametrize("argv", [["jobs", "list"], ["jobs", "logs", "x"], ["jobs", "stop", "x"]])
+def test_jobs_without_a_cluster_fail_in_one_line(argv, capsys):
+    code = main([*argv, "--address", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith(f"gigamamba jobs {argv[1]}:") and len(err.splitlines()) == 1
