@@ -151,7 +151,7 @@ class _Progress:
             return
         self.last = now
         rate = self.tiles / max(now - self.t0, 1e-9)
-        print(f"[embed] slides {self.complete + self.failed}/{self.n_slides} ({self.failed} failed) | "
+        print(f"[embed {now - self.t0:5.1f}s] slides {self.complete + self.failed}/{self.n_slides} ({self.failed} failed) | "
               f"tiles {self.tiles}/{self.n_tiles} | {rate:.1f} tiles/s{(' | ' + note) if note else ''}",
               file=sys.stderr, flush=True)
 
@@ -247,7 +247,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
             if on_slide:
                 on_slide(row)
     if todo and progress:
-        print(f"[embed] {len(todo)} slide(s) to embed, {len(kept)} already complete, {len(rejected)} rejected; "
+        print(f"[embed {time.perf_counter() - started:5.1f}s] {len(todo)} slide(s) to embed, {len(kept)} already complete, {len(rejected)} rejected; "
               f"encoder {info['name']} ({info['dim']}-d, weights {info['weights']})", file=sys.stderr, flush=True)
 
     plans: dict[str, SlidePlan] = {}
@@ -263,7 +263,9 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
             plans[job.slide_id] = result
 
     tracker = _Progress(progress, len(todo), sum(p.n_tiles for p in plans.values()))
+    tracker.t0 = started
     tracker.failed = len(todo) - len(plans)
+    tracker.say(force=True, note=f"planned {len(plans)} slide(s), {tracker.n_tiles} tiles")
     if plans:
         items = [item for p in plans.values() for item in tile_chunks(p, int(ingest["tiles_per_task"]))]
         res = _embed_resources(ray, ingest)
