@@ -56,6 +56,14 @@ template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Read-only global load (ld.global.nc): it may be reordered freely around our shared-memory stores.
+template <typename T>
+__device__ __forceinline__ float ldf(const T* p) { return tof(__ldg(p)); }
+
+// Rows of a tile are loaded RCH at a time into registers before any of them is stored, so the global
+// loads of a chunk are in flight together instead of one row's latency after another.
+constexpr int RCH = 8;
+
 // Same threshold as torch.nn.functional.softplus (beta=1, threshold=20).
 __device__ __forceinline__ float softplus_f(float v) { return v <= 20.f ? log1pf(expf(v)) : v; }
 __device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + expf(-v)); }

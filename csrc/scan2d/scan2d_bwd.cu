@@ -14,23 +14,32 @@ __device__ __forceinline__ void stage_delta_dy(const Params& p, int64_t plane, i
   const T* zp = p.z ? (const T*)p.z + plane : nullptr;
   const T* up = (const T*)p.u + plane;
   const float bias = p.dbias ? p.dbias[d] : 0.f;
-  for (int r = 0; r < TS; ++r) {
-    int i = i0 + r, j = j0 + lane;
-    float dv = 0.f, dy = 0.f, uv = 0.f;
-    if (i < hb && j < wb) {
-      int64_t o = (int64_t)i * p.W + j;
-      dv = tof(dp[o]) + bias;
-      if (p.softplus) dv = softplus_f(dv);
-      dy = tof(gp[o]);
-      if (zp) {
-        float zv = tof(zp[o]);
-        dy *= zv * sigmoid_f(zv);
-      }
-      if (Tu) uv = tof(up[o]);
+  const int j = j0 + lane;
+  for (int rc = 0; rc < TS; rc += RCH) {
+    float dv[RCH], gv[RCH], zv[RCH], uv[RCH];
+#pragma unroll
+    for (int m = 0; m < RCH; ++m) {
+      const int i = i0 + rc + m;
+      const bool in = i < hb && j < wb;
+      const int64_t o = in ? (int64_t)i * p.W + j : 0;
+      dv[m] = in ? ldf(dp + o) : 0.f;
+      gv[m] = in ? ldf(gp + o) : 0.f;
+      zv[m] = in && zp ? ldf(zp + o) : 0.f;
+      uv[m] = in && Tu ? ldf(up + o) : 0.f;
     }
-    Td[r * LD + lane] = dv;
-    Ty[r * LD + lane] = dy;
-    if (Tu) Tu[r * LD + lane] = uv;
+#pragma unroll
+    for (int m = 0; m < RCH; ++m) {
+      const int r = rc + m, i = i0 + r;
+      float v = 0.f, dy = 0.f;
+      if (i < hb && j < wb) {
+        v = dv[m] + bias;
+        if (p.softplus) v = softplus_f(v);
+        dy = zp ? gv[m] * zv[m] * sigmoid_f(zv[m]) : gv[m];
+      }
+      Td[r * LD + lane] = v;
+      Ty[r * LD + lane] = dy;
+      if (Tu) Tu[r * LD + lane] = uv[m];
+    }
   }
 }
 
@@ -377,20 +386,31 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       const T* dp = (const T*)p.delta + plane;
       const float bias = p.dbias ? p.dbias[d] : 0.f;
       float db_acc = 0.f;
+      const int j = j0 + lane;
 #pragma unroll
-      for (int r = 0; r < TS; ++r) {
-        int i = i0 + r, j = j0 + lane;
-        if (i < H && j < W) {
-          int64_t o = (int64_t)i * W + j;
-          float vu = 0.f, vd = 0.f;
-          if (i < hb && j < wb) {
-            vu = fmaf(Dd, Ty[r * LD + lane], Ta[r * LD + lane]);
-            vd = Th[r * LD + lane];
-            if (p.softplus) vd *= sigmoid_f(tof(dp[o]) + bias);
-            db_acc += vd;
+      for (int rc = 0; rc < TS; rc += RCH) {
+        float dv[RCH];
+#pragma unroll
+        for (int m = 0; m < RCH; ++m) {
+          const int i = i0 + rc + m;
+          const bool in = p.softplus && i < hb && j < wb;
+          dv[m] = in ? ldf(dp + (int64_t)i * W + j) : 0.f;
+        }
+#pragma unroll
+        for (int m = 0; m < RCH; ++m) {
+          const int r = rc + m, i = i0 + r;
+          if (i < H && j < W) {
+            const int64_t o = (int64_t)i * W + j;
+            float vu = 0.f, vd = 0.f;
+            if (i < hb && j < wb) {
+              vu = fmaf(Dd, Ty[r * LD + lane], Ta[r * LD + lane]);
+              vd = Th[r * LD + lane];
+              if (p.softplus) vd *= sigmoid_f(dv[m] + bias);
+              db_acc += vd;
+            }
+            ((T*)p.du)[plane + o] = fromf<T>(vu);
+            ((T*)p.ddelta)[plane + o] = fromf<T>(vd);
           }
-          ((T*)p.du)[plane + o] = fromf<T>(vu);
-          ((T*)p.ddelta)[plane + o] = fromf<T>(vd);
         }
       }
       dD_acc = warp_sum(dD_acc);

@@ -41,19 +41,29 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
   float dl[TS], dul[TS];
   float cs = 0.f;
   if (valid) {
-    for (int r = 0; r < TS; ++r) {
-      int i = i0 + r, j = j0 + lane;
-      bool in = i < hb && j < wb;
-      float dv = 0.f, uv = 0.f;
-      if (in) {
-        int64_t o = (int64_t)i * W + j;
-        dv = tof(dp[o]) + bias;
-        if (p.softplus) dv = softplus_f(dv);
-        uv = tof(up[o]);
+    const int j = j0 + lane;
+    for (int rc = 0; rc < TS; rc += RCH) {
+      float dv[RCH], uv[RCH];
+#pragma unroll
+      for (int m = 0; m < RCH; ++m) {
+        const int i = i0 + rc + m;
+        const bool in = i < hb && j < wb;
+        const int64_t o = in ? (int64_t)i * W + j : 0;
+        dv[m] = in ? ldf(dp + o) : 0.f;
+        uv[m] = in ? ldf(up + o) : 0.f;
       }
-      T0[r * LD + lane] = dv;
-      T1[r * LD + lane] = uv;
-      cs += dv;
+#pragma unroll
+      for (int m = 0; m < RCH; ++m) {
+        const int i = i0 + rc + m;
+        float v = 0.f;
+        if (i < hb && j < wb) {
+          v = dv[m] + bias;
+          if (p.softplus) v = softplus_f(v);
+        }
+        T0[(rc + m) * LD + lane] = v;
+        T1[(rc + m) * LD + lane] = uv[m];
+        cs += v;
+      }
     }
     __syncwarp();
 #pragma unroll
@@ -147,26 +157,35 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
     const T* gp = MODE == 3 ? (const T*)p.dout + plane : nullptr;
     T* op = (T*)(MODE == 2 ? p.out : p.dz) + plane;
     const float Dd = p.Dv ? p.Dv[d] : 0.f;
+    const int j = j0 + lane;
 #pragma unroll
-    for (int r = 0; r < TS; ++r) {
-      int i = i0 + r, j = j0 + lane;
-      if (i < H && j < W) {
-        int64_t o = (int64_t)i * W + j;
-        float v = 0.f;
-        if (i < hb && j < wb) {
-          float yv = y[r] + Dd * tof(up[o]);
-          if (MODE == 2) {
-            v = yv;
-            if (zp) {
-              float zv = tof(zp[o]);
-              v *= zv * sigmoid_f(zv);
+    for (int rc = 0; rc < TS; rc += RCH) {
+      float uv[RCH], zv[RCH], gv[RCH];
+#pragma unroll
+      for (int m = 0; m < RCH; ++m) {
+        const int i = i0 + rc + m;
+        const bool in = i < hb && j < wb;
+        const int64_t o = in ? (int64_t)i * W + j : 0;
+        uv[m] = in ? ldf(up + o) : 0.f;
+        zv[m] = in && zp ? ldf(zp + o) : 0.f;
+        gv[m] = in && MODE == 3 ? ldf(gp + o) : 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < RCH; ++m) {
+        const int r = rc + m, i = i0 + r;
+        if (i < H && j < W) {
+          float v = 0.f;
+          if (i < hb && j < wb) {
+            float yv = y[r] + Dd * uv[m];
+            if (MODE == 2) {
+              v = zp ? yv * zv[m] * sigmoid_f(zv[m]) : yv;
+            } else {
+              float sz = sigmoid_f(zv[m]);
+              v = gv[m] * yv * sz * (1.f + zv[m] * (1.f - sz));
             }
-          } else {
-            float zv = tof(zp[o]), sz = sigmoid_f(zv);
-            v = tof(gp[o]) * yv * sz * (1.f + zv * (1.f - sz));
           }
+          op[(int64_t)i * W + j] = fromf<T>(v);
         }
-        op[o] = fromf<T>(v);
       }
     }
   }
