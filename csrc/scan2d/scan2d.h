@@ -21,7 +21,8 @@ namespace scan2d {
 constexpr int TS = 32;          // tile side, rows and columns (= warp size)
 constexpr int LD = TS + 1;      // padded shared-memory row: row- and column-wise walks are conflict-free
 constexpr int TILE = TS * LD;   // floats in one shared tile
-constexpr int WPB = 4;          // warps (channels) per block
+constexpr int WPB = 4;          // warps (channels) per block in the backward passes
+constexpr int WPBF = 8;         // warps (channels) per block in the forward-style tile passes
 constexpr int NBUF = 4;         // states in flight (cp.async ring) in the tile passes
 constexpr int SCAL = 72;        // per warp and state: 32 row carries, 32 column carries, A (padded)
 constexpr float LOG2E = 1.4426950408889634f;
@@ -103,13 +104,18 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Block-wide asynchronous staging of a 32x32 tile of B or C (fp32), zero outside the sample.
+// NW warps: warp w copies rows w, w+NW, ...; lane = column, so each row is one coalesced request.
+template <int NW>
 __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* dst, int i0, int j0, int hb, int wb,
                                          int W) {
-  for (int e = threadIdx.x; e < TS * TS; e += blockDim.x) {
-    int r = e >> 5, c = e & 31;
-    int i = i0 + r, j = j0 + c;
-    bool in = i < hb && j < wb;
-    cp_async4(dst + r * LD + c, in ? src + (int64_t)i * W + j : src, in);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool jok = j0 + lane < wb;
+  const float* s0 = src + (int64_t)(i0 + warp) * W + j0 + lane;
+#pragma unroll
+  for (int m = 0; m < TS / NW; ++m) {
+    const int r = warp + m * NW;
+    const bool ok = jok && i0 + r < hb;
+    cp_async4(dst + r * LD + lane, ok ? s0 + (int64_t)(m * NW) * W : src, ok);
   }
 }
 

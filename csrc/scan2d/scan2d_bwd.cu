@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
   auto issue = [&](int n) {  // a ring of NBUF states in flight, as in fwd_tile_kernel
     if (n < N) {
       const int slot = n % NBUF;
-      stage_bc(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
+      stage_bc<WPB>(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
       float* sc = Sring + (slot * WPB + warp) * SCAL;
       if (MODE == 1) cp_async4(sc + 32 + lane, p.rcolc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
       if (lane == 0) cp_async4(sc + 64, p.A + d * N + n, valid);
@@ -213,8 +213,8 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
     const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;  // + n*TC*H
     const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;  // + n*TR*W
     auto issue = [&](int n) {
-      stage_bc(Bbase + n * HW, Bbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
-      stage_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+      stage_bc<WPB>(Bbase + n * HW, Bbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+      stage_bc<WPB>(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
       cp_async_commit();
     };
     // per-state scalars, loaded one state ahead: A, forward carries (hh, h), reverse carries (a*g, a*q)

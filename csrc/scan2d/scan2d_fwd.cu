@@ -10,21 +10,22 @@ namespace scan2d {
 // MODE 2: the output, with both carries.
 // MODE 3: as MODE 2, but writes dz = dout * y * silu'(z) (backward; y is needed only there).
 template <typename T, int MODE>
-__global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
+__global__ void __launch_bounds__(WPBF * 32, 2) fwd_tile_kernel(Params p) {
   extern __shared__ float sm[];
   float* Bring = sm;                     // NBUF B tiles
   float* Cring = Bring + NBUF * TILE;    // NBUF C tiles (MODE >= 2)
-  float* Sring = Cring + NBUF * TILE;    // NBUF x WPB x (row carries, column carries, A)
+  float* Sring = Cring + NBUF * TILE;    // NBUF x WPBF x (row carries, column carries, A)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* T0 = Sring + NBUF * WPB * SCAL + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
+  float* T0 = Sring + NBUF * WPBF * SCAL + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
   float* T1 = T0 + TILE;                        // u staging, then hh
 
-  const int chunks = p.G * p.CPG, ntiles = p.TR * p.TC;
+  const int cpg = (p.Dg + WPBF - 1) / WPBF;
+  const int chunks = p.G * cpg, ntiles = p.TR * p.TC;
   const int gc = blockIdx.x % chunks;
   const int tile = (blockIdx.x / chunks) % ntiles;
   const int b = blockIdx.x / chunks / ntiles;
-  const int g = gc / p.CPG;
-  const int cig = (gc % p.CPG) * WPB + warp;
+  const int g = gc / cpg;
+  const int cig = (gc % cpg) * WPBF + warp;
   const bool valid = cig < p.Dg;
   const int d = g * p.Dg + (valid ? cig : 0);
   const int s = tile / p.TC, t = tile % p.TC;
@@ -97,9 +98,9 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
   auto issue = [&](int n) {
     if (n < N) {
       const int slot = n % NBUF;
-      stage_bc(Bbase + n * HW, Bring + slot * TILE, i0, j0, hb, wb, W);
-      if (MODE >= 2) stage_bc(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
-      float* sc = Sring + (slot * WPB + warp) * SCAL;
+      stage_bc<WPBF>(Bbase + n * HW, Bring + slot * TILE, i0, j0, hb, wb, W);
+      if (MODE >= 2) stage_bc<WPBF>(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
+      float* sc = Sring + (slot * WPBF + warp) * SCAL;
       if (MODE != 0) cp_async4(sc + lane, p.rowc + (row_ok ? rbase + (int64_t)n * p.TC * H : 0), row_ok);
       if (MODE >= 2) cp_async4(sc + 32 + lane, p.colc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
       if (lane == 0) cp_async4(sc + 64, p.A + d * N + n, valid);
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(WPB * 32) fwd_tile_kernel(Params p) {
     const int slot = n % NBUF;
     const float* Bs = Bring + slot * TILE;
     const float* Cs = Cring + slot * TILE;
-    const float* sc = Sring + (slot * WPB + warp) * SCAL;
+    const float* sc = Sring + (slot * WPBF + warp) * SCAL;
     const float A2 = sc[64] * LOG2E;
     float hh = MODE != 0 ? sc[lane] : 0.f, h = MODE >= 2 ? sc[32 + lane] : 0.f;
     // horizontal: lane = row
@@ -229,11 +230,11 @@ __global__ void carry_scan_kernel(float* loc, const float* __restrict__ S, const
 
 template <typename T, int MODE>
 static void launch_mode(const Params& p, cudaStream_t st) {
-  size_t smem = ((2 * NBUF + 2 * WPB) * TILE + NBUF * WPB * SCAL) * sizeof(float);
+  size_t smem = ((2 * NBUF + 2 * WPBF) * TILE + NBUF * WPBF * SCAL) * sizeof(float);
   auto kern = fwd_tile_kernel<T, MODE>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.CPG;
-  kern<<<(unsigned)blocks, WPB * 32, smem, st>>>(p);
+  int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * ((p.Dg + WPBF - 1) / WPBF);
+  kern<<<(unsigned)blocks, WPBF * 32, smem, st>>>(p);
 }
 
 template <typename T>
