@@ -263,7 +263,7 @@ def test_submit_runs_demo_pipeline_to_completion(cluster, demo_job, reference, m
     row = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
     assert "SUCCEEDED" in row
     logs = gigamamba(["jobs", "logs", job_id, "--address", cluster.dashboard_url], env=env, timeout=60)
-    assert logs.returncode == 0 and "[embed]" in logs.stdout
+    assert logs.returncode == 0 and "slide(s) to embed" in logs.stdout and "MLflow store" in logs.stdout
 
 
 def test_jobs_stop_ends_a_running_job(cluster):
