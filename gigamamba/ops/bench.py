@@ -17,7 +17,7 @@ import time
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GPU_CASES = "1:64x64,1:200x200,1:489x415,8:100x100"
+GPU_CASES = "1:16x16,1:64x64,1:200x200,1:489x415,8:100x100"
 CPU_CASES = "1:16x16,1:32x32"
 
 
@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", "-N", type=int, default=16, help="N, states per channel")
     parser.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16 (default fp32,bf16 on CUDA)")
     parser.add_argument("--impls", default="ref,torch,cuda", help="which of ref,torch,cuda to time")
-    parser.add_argument("--oracle-max-cells", type=int, default=1024, help="run the loop oracle only up to H*W cells")
+    parser.add_argument("--oracle-max-cells", type=int, default=256, help="run the loop oracle only up to H*W cells")
     parser.add_argument("--iters", type=int, default=50, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--budget", type=float, default=3.0, help="stop timing a measurement after this many s")
