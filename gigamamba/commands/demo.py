@@ -63,7 +63,9 @@ def cohort_spec(out: Path, cohort: str, epochs: int, folds: int, concurrent: int
         "model": {"name": MODELS[0], "kwargs": dict(DEMO["model_kwargs"])},
         "train": {**DEMO["train"], "epochs": epochs},
         "cv": {**DEMO["cv"], "folds": folds, "max_concurrent_folds": concurrent},
-        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}"},
+        # Epoch metrics reach MLflow from the driver after each fold: a worker that imports MLflow
+        # costs seconds of CPU per fold, and the demo runs 20 folds on 2 cores.
+        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "live": False},
     }
     return resolve_spec(raw, out, raw["name"])
 
@@ -79,6 +81,23 @@ def _synthesise(out: Path, cohort: str, slides: int) -> Path:
     csv = write_synthetic_cohort(out / cohort, task=cohort, n_slides=slides, seed=DEMO["seed"], size_px=DEMO["size_px"])
     stamp.write_text(settings)
     return csv
+
+
+def _start_ray(num_cpus: int) -> None:
+    """A local Ray; retried because its 30 s raylet start-up wait is short for a busy laptop."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            # Concurrent folds each hold one logical CPU; the OS shares the real cores between them.
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
+            if attempt == 2:
+                raise
+            print(f"gigamamba demo: Ray did not start ({exc}); retrying", file=sys.stderr)
+            ray.shutdown()
+            time.sleep(5)
 
 
 def run(args) -> int:
@@ -99,9 +118,7 @@ def run(args) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     if not ray.is_initialized():
-        # Concurrent folds each hold one logical CPU; the OS shares the real cores between them.
-        ray.init(num_cpus=max(os.cpu_count() or 1, args.concurrent_folds), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        _start_ray(max(os.cpu_count() or 1, args.concurrent_folds))
     specs = {}
     for cohort in cohorts:
         n_slides = args.slides or DEMO["slides"][cohort]

@@ -19,7 +19,7 @@ def configure(parser) -> None:
 def server_command(uri: str, port: int, artifact_root: Path | None) -> list[str]:
     # Bound to loopback: the store holds patient-level predictions; reach it remotely through an SSH tunnel.
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), "--workers", "1"]
     if artifact_root is not None:
         cmd += ["--default-artifact-root", artifact_root.resolve().as_uri()]
     return cmd
@@ -37,5 +37,7 @@ def run(args) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
+    # MLflow's background job runner (GenAI evaluation jobs) is several extra processes a training store never uses.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)
     return 0
