@@ -67,6 +67,14 @@ def _machine() -> dict:
     return info
 
 
+def _load() -> float | None:
+    """1-minute load average: on a shared machine, a reference measured under other load is not comparable."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _decode_chunk(args):
     from gigamamba.slides.reader import read_tiles
 
@@ -196,6 +204,7 @@ def run(args) -> int:
 
     if "decode" not in args.skip:
         rates["decode_ceiling"] = bench_decode(plans, args.input_px, args.tiles_per_task, os.cpu_count() or 1)
+        results.setdefault("load_avg_1m_at", {})["decode_ceiling"] = _load()
         print(f"decode ceiling ({os.cpu_count()} processes): {rates['decode_ceiling']:.1f} tiles/s", file=sys.stderr)
 
     if "encoder" not in args.skip or "clam" not in args.skip:
@@ -207,9 +216,11 @@ def run(args) -> int:
             sample = _SlideTiles(plans[0], args.input_px)
             tiles = np.stack([sample[k] for k in range(min(len(sample), 2 * batch_size))])
             rates["encoder_ceiling"] = bench_encoder(encoder, tiles, batch_size, min_tiles=max(8 * batch_size, 256))
+            results.setdefault("load_avg_1m_at", {})["encoder_ceiling"] = _load()
             print(f"encoder ceiling: {rates['encoder_ceiling']:.1f} tiles/s", file=sys.stderr)
         if "clam" not in args.skip:
             rates["clam_loop"] = bench_clam(plans[: max(1, args.clam_slides)], encoder, args.input_px, batch_size)
+            results.setdefault("load_avg_1m_at", {})["clam_loop"] = _load()
             print(f"CLAM-style single-process loop: {rates['clam_loop']:.1f} tiles/s", file=sys.stderr)
         del encoder
         if cuda:
@@ -238,6 +249,7 @@ def run(args) -> int:
         wall = time.perf_counter() - t
         done = int(manifest.loc[manifest.status == "complete", "n_tiles"].sum())
         rates["end_to_end"] = done / wall
+        results.setdefault("load_avg_1m_at", {})["end_to_end"] = _load()
         results["end_to_end_seconds"] = round(wall, 2)
         tp = manifest.attrs.get("throughput", {})
         stream = tp.get("streaming_seconds") or 0.0
@@ -249,6 +261,7 @@ def run(args) -> int:
               f"({done} tiles in {wall:.1f} s; first to last tile {stream:.1f} s)", file=sys.stderr)
 
     r = {k: round(v, 2) for k, v in rates.items()}
+    results["load_avg_1m_after"] = _load()
     results["tiles_per_s"] = r
     if "end_to_end" in r and "clam_loop" in r:
         results["speedup_vs_clam"] = round(r["end_to_end"] / r["clam_loop"], 2)
@@ -268,7 +281,8 @@ def _table(res: dict) -> str:
     r = res["tiles_per_s"]
     lines = [f"ingest bench: {res['slides']} slides, {res['tiles']} tiles ({res['tiles_per_slide']:.0f}/slide), "
              f"encoder {res['encoder']} @ {res['input_px']} px, batch {res['batch_size']}",
-             f"machine: {res['machine'].get('gpu', 'no GPU')}; {res['machine']['cpu']} x {res['machine']['cores']} cores",
+             f"machine: {res['machine'].get('gpu', 'no GPU')}; {res['machine']['cpu']} x {res['machine']['cores']} cores; "
+             f"1-min load average at each measure: {res.get('load_avg_1m_at', {})}",
              f"{'measure':<34}{'tiles/s':>10}"]
     names = {"end_to_end": "end to end (Ray Data pipeline)", "steady_state": "  steady state (first->last tile)",
              "decode_ceiling": "decode ceiling (all cores)",
