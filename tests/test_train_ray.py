@@ -98,3 +98,26 @@ def test_worker_fault_resumes_from_checkpoint_and_logs_once(ray_local, toy, tmp_
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, key))
         assert steps == [0, 1], key
     assert client.get_run(out["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_survival_fold_logs_c_index_and_km_plot(ray_local, tmp_path):
+    csv, store = write_toy_cohort(tmp_path / "surv", "survival", n_slides=20, dim=8, grid=5)
+    raw = {
+        "name": "surv", "dataset": "toy-surv", "task": "survival", "cohort": {"csv": str(csv)}, "store": str(store),
+        "run_dir": str(tmp_path / "run"), "model": {"name": "abmil", "kwargs": {"d_model": 16, "attn_hidden": 16}},
+        "train": {"epochs": 2, "lr": 1e-2, "patience": 0, "min_epochs": 0, "num_workers": 1, "torch_threads": 1,
+                  "attention_slides": 1},
+        "cv": {"folds": 3, "only_folds": [2]},
+    }
+    spec = resolve_spec(raw, tmp_path, "surv")
+    out = run_cv(spec, progress=False)
+    client = MlflowClient(spec["tracking"]["uri"])
+    parent = client.get_run(out["parent_run_id"])
+    assert 0.0 <= parent.data.metrics["test_c_index_mean"] <= 1.0
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "splits_survival")} == {
+        "splits_survival/splits_2.csv"}
+    (child,) = _children(client, parent.info.run_id)
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_c_index")] == [0, 1]
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "plots")} == {"plots/km_test.png"}
+    pred = pd.read_parquet(client.download_artifacts(child.info.run_id, "predictions.parquet"))
+    assert {"risk", "survival_months", "event"} <= set(pred.columns)
