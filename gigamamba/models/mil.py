@@ -25,12 +25,13 @@ class Mamba2DMIL(nn.Module):
 
     def __init__(self, in_dim: int, n_classes: int, d_model: int = 128, n_layers: int = 1, d_state: int = 16,
                  expand: int = 2, conv: str = "causal1d", directions: int = 1, dropout: float = 0.25,
-                 attn_hidden: int = 128, **_unused):
+                 attn_hidden: int = 128, dt_min: float = 1e-3, dt_max: float = 0.1, **_unused):
         super().__init__()
         self.embed = _embed(in_dim, d_model, dropout)
         self.pad_token = nn.Parameter(torch.zeros(d_model))
         self.layers = nn.ModuleList(Mamba2D(d_model, d_state=d_state, expand=expand, conv=conv,
-                                            directions=directions) for _ in range(n_layers))
+                                            directions=directions, dt_min=dt_min, dt_max=dt_max)
+                                    for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.pool = AttentionPool(d_model, attn_hidden, gated=True)
         self.head = nn.Linear(d_model, n_classes)
