@@ -148,6 +148,16 @@ def test_half_types(ext, dtype):
     check(ext, (1, 4, 7, 300), 4, dtype=dtype, sizes=torch.tensor([[5, 200]]))
 
 
+def test_raster_and_column_lines(ext):
+    check(ext, (1, 4, 1, 2000), 8)  # a 1D raster Mamba: H = 1
+    check(ext, (1, 3, 1500, 1), 4, groups=3)
+
+
+def test_megapixel_grid(ext):
+    # 1024x1024: 32x32 tiles, a 32-long carry scan in both directions (reference: float64 scan2d_torch)
+    check(ext, (1, 2, 1024, 1024), 4, oracle="torch")
+
+
 def test_slide_canvas_489x415(ext):
     # the BRCA canvas at D=16; the loop oracle would take hours here (see the module docstring)
     check(ext, (1, 16, 489, 415), 16, oracle="torch")
