@@ -9,23 +9,28 @@ namespace scan2d {
 // MODE 1: column aggregates (hh with its true row carry, then h from 0 to the tile's last row).
 // MODE 2: the output, with both carries.
 // MODE 3: as MODE 2, but writes dz = dout * y * silu'(z) (backward; y is needed only there).
+// Warps (channels) per block: 8 for the aggregate passes; the output passes keep y[32] in registers too,
+// so they run 4 warps at up to 168 registers (3 blocks/SM) rather than 8 capped at 128 (which spills).
+__host__ __device__ constexpr int fwd_warps(int mode) { return mode >= 2 ? 4 : WPBF; }
+
 template <typename T, int MODE>
-__global__ void __launch_bounds__(WPBF * 32, 2) fwd_tile_kernel(Params p) {
+__global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_tile_kernel(Params p) {
+  constexpr int NW = fwd_warps(MODE);
   extern __shared__ float sm[];
   float* Bring = sm;                     // NBUF B tiles
   float* Cring = Bring + NBUF * TILE;    // NBUF C tiles (MODE >= 2)
-  float* Sring = Cring + NBUF * TILE;    // NBUF x WPBF x (row carries, column carries, A)
+  float* Sring = Cring + NBUF * TILE;    // NBUF x NW x (row carries, column carries, A)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* T0 = Sring + NBUF * WPBF * SCAL + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
+  float* T0 = Sring + NBUF * NW * SCAL + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
   float* T1 = T0 + TILE;                        // u staging, then hh
 
-  const int cpg = (p.Dg + WPBF - 1) / WPBF;
+  const int cpg = (p.Dg + NW - 1) / NW;
   const int chunks = p.G * cpg, ntiles = p.TR * p.TC;
   const int gc = blockIdx.x % chunks;
   const int tile = (blockIdx.x / chunks) % ntiles;
   const int b = blockIdx.x / chunks / ntiles;
   const int g = gc / cpg;
-  const int cig = (gc % cpg) * WPBF + warp;
+  const int cig = (gc % cpg) * NW + warp;
   const bool valid = cig < p.Dg;
   const int d = g * p.Dg + (valid ? cig : 0);
   const int s = tile / p.TC, t = tile % p.TC;
@@ -98,9 +103,9 @@ __global__ void __launch_bounds__(WPBF * 32, 2) fwd_tile_kernel(Params p) {
   auto issue = [&](int n) {
     if (n < N) {
       const int slot = n % NBUF;
-      stage_bc<WPBF>(Bbase + n * HW, Bring + slot * TILE, i0, j0, hb, wb, W);
-      if (MODE >= 2) stage_bc<WPBF>(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
-      float* sc = Sring + (slot * WPBF + warp) * SCAL;
+      stage_bc<NW>(Bbase + n * HW, Bring + slot * TILE, i0, j0, hb, wb, W);
+      if (MODE >= 2) stage_bc<NW>(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
+      float* sc = Sring + (slot * NW + warp) * SCAL;
       if (MODE != 0) cp_async4(sc + lane, p.rowc + (row_ok ? rbase + (int64_t)n * p.TC * H : 0), row_ok);
       if (MODE >= 2) cp_async4(sc + 32 + lane, p.colc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
       if (lane == 0) cp_async4(sc + 64, p.A + d * N + n, valid);
@@ -117,7 +122,7 @@ __global__ void __launch_bounds__(WPBF * 32, 2) fwd_tile_kernel(Params p) {
     const int slot = n % NBUF;
     const float* Bs = Bring + slot * TILE;
     const float* Cs = Cring + slot * TILE;
-    const float* sc = Sring + (slot * WPBF + warp) * SCAL;
+    const float* sc = Sring + (slot * NW + warp) * SCAL;
     const float A2 = sc[64] * LOG2E;
     float hh = MODE != 0 ? sc[lane] : 0.f, h = MODE >= 2 ? sc[32 + lane] : 0.f;
     // horizontal: lane = row
@@ -230,11 +235,12 @@ __global__ void carry_scan_kernel(float* loc, const float* __restrict__ S, const
 
 template <typename T, int MODE>
 static void launch_mode(const Params& p, cudaStream_t st) {
-  size_t smem = ((2 * NBUF + 2 * WPBF) * TILE + NBUF * WPBF * SCAL) * sizeof(float);
+  constexpr int NW = fwd_warps(MODE);
+  size_t smem = ((2 * NBUF + 2 * NW) * TILE + NBUF * NW * SCAL) * sizeof(float);
   auto kern = fwd_tile_kernel<T, MODE>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * ((p.Dg + WPBF - 1) / WPBF);
-  kern<<<(unsigned)blocks, WPBF * 32, smem, st>>>(p);
+  int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * ((p.Dg + NW - 1) / NW);
+  kern<<<(unsigned)blocks, NW * 32, smem, st>>>(p);
 }
 
 template <typename T>
