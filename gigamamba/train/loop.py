@@ -269,11 +269,16 @@ def train_fold(config: dict) -> None:
         record = {"epoch": epoch, "train_loss": train_loss, "lr": float(sched.get_last_lr()[0])}
         record.update({f"val_{k}": v for k, v in val.items()})
         score = record.get(f"val_{monitor}", record.get(monitor))
-        improved = score is not None and not (isinstance(score, float) and math.isnan(score)) and (
-            state["best"] is None or (score < state["best"] if lower_better else score > state["best"])
-        )
+        valid = score is not None and not (isinstance(score, float) and math.isnan(score))
+        better = valid and (state["best"] is None or (score < state["best"] if lower_better else score > state["best"]))
+        # A tiny validation set often ties on AUC; the validation loss breaks the tie.
+        tie_loss = record.get("val_loss")
+        tied = (valid and state["best"] is not None and score == state["best"] and tie_loss is not None
+                and tie_loss < state.get("best_loss", math.inf))
+        improved = better or tied
         if improved or state["best_epoch"] < 0:
             state["best"] = score if improved else state["best"]
+            state["best_loss"] = record.get("val_loss", math.inf)
             state["best_epoch"] = epoch
             state["bad_epochs"] = 0
             best_weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

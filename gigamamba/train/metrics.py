@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss, roc_auc_score
 
 CLASSIFICATION_METRICS = ("auc", "f1", "acc", "bacc")
 SURVIVAL_METRICS = ("c_index",)
@@ -42,6 +42,9 @@ def classification_metrics(y_true, probs) -> dict[str, float]:
         "acc": float(accuracy_score(y_true, y_pred)),
         "bacc": float(balanced_accuracy_score(y_true, y_pred)),
         "f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
+        # Cross-entropy of the patients' mean probabilities: a smoother model-selection signal than AUC
+        # on a small validation set (not a reported result).
+        "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1.0), labels=list(range(n_classes)))),
     }
     present = np.unique(y_true)
     if len(present) < 2:  # one class only in this set: AUC undefined

@@ -44,6 +44,8 @@ def collect(uri: str, experiments: list[str] | None = None) -> pd.DataFrame:
             for key, value in run.data.metrics.items():
                 if key.startswith("test_") and key.endswith("_mean"):
                     metric = key[len("test_"):-len("_mean")]
+                    if metric == "loss":
+                        continue
                     rows.append({
                         "dataset": exp.name, "model": model, "metric": metric, "mean": value,
                         "std": run.data.metrics.get(f"test_{metric}_std", math.nan), "n_folds": n_folds,
