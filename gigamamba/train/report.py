@@ -51,7 +51,10 @@ def collect(uri: str, experiments: list[str] | None = None) -> pd.DataFrame:
                         "std": run.data.metrics.get(f"test_{metric}_std", math.nan), "n_folds": n_folds,
                         "encoder": run.data.tags.get("encoder", ""), "run_id": run.info.run_id,
                     })
-    return pd.DataFrame(rows, columns=["dataset", "model", "metric", "mean", "std", "n_folds", "encoder", "run_id"])
+    df = pd.DataFrame(rows, columns=["dataset", "model", "metric", "mean", "std", "n_folds", "encoder", "run_id"])
+    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
+    order = df["metric"].map(lambda m: rank.get(m, len(rank)))
+    return df.assign(_o=order).sort_values(["dataset", "model", "_o", "metric"]).drop(columns="_o").reset_index(drop=True)
 
 
 def _metric_sort(metrics) -> list[str]:
