@@ -47,7 +47,7 @@ def raster_shift(x: torch.Tensor, sizes: torch.Tensor, k: int) -> torch.Tensor:
     j = torch.arange(W, device=dev).view(1, 1, W)
     src = i * wb + j - k                                                   # raster index in (H_b, W_b)
     ok = (src >= 0) & (j < wb)
-    src = src.clamp_min(0)
+    src = torch.where(ok, src, torch.zeros_like(src))
     flat = (src // wb) * W + src % wb                                      # back to the padded layout
     idx = flat.reshape(n_batch, 1, H * W).expand(-1, ch, -1)
     out = x.reshape(n_batch, ch, H * W).gather(2, idx).view_as(x)
