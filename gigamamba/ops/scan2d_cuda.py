@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 EXT_NAME = "gigamamba_scan2d"
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "scan2d"
+# The kernel sources sit in the checkout's csrc/ (outside the Python package), so a regular, non-editable
+# install (a cluster image) says where they are with GIGAMAMBA_CSRC.
+SOURCE_DIR = Path(os.environ.get("GIGAMAMBA_CSRC") or Path(__file__).resolve().parents[2] / "csrc" / "scan2d")
 SOURCES = ("binding.cpp", "scan2d_fwd.cu", "scan2d_bwd.cu")
 
 # Backward blocks to aim for when picking the number of channel chunks of the dB/dC partials.
