@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from gigamamba.modules.grid import flip_within, full_sizes, raster_shift
 from gigamamba.ops import scan2d
+from gigamamba.ops.scan2d import grid_mask
 
 # (flip rows, flip cols) for the scans from each corner: top-left (the paper's), top-right,
 # bottom-left, bottom-right.
@@ -84,7 +85,7 @@ class Mamba2D(nn.Module):
         n_batch, H, W, _ = x.shape
         if sizes is None:
             sizes = full_sizes(n_batch, H, W, x.device)
-        valid = _valid(sizes, H, W, x.device)                               # (B, 1, H, W)
+        valid = grid_mask(sizes, H, W, x.device).unsqueeze(1).to(x.dtype)  # (B, 1, H, W)
         xz = self.in_proj(self.norm(x)).permute(0, 3, 1, 2)                 # (B, 2*d_inner, H, W)
         u, z = xz.chunk(2, dim=1)
         u = F.silu(self._conv(u * valid, sizes)) * valid
@@ -102,9 +103,3 @@ class Mamba2D(nn.Module):
                      self.D.float(), z.contiguous(), self.dt_proj.bias.float(), delta_softplus=True,
                      sizes=sizes)
         return flip_within(out, sizes, flip_rows, flip_cols)
-
-
-def _valid(sizes, H, W, device):
-    from gigamamba.ops.scan2d import grid_mask
-
-    return grid_mask(sizes, H, W, device).unsqueeze(1).float()
