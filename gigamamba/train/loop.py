@@ -70,7 +70,12 @@ def _unwrap(model):
 
 
 def _maybe_fault(fault: dict | None, rank: int, epoch: int) -> None:
-    """Test hook: one rank raises once at one epoch; a marker file makes it happen only once."""
+    """Test hook: one rank fails once at the start of one epoch; a marker file makes it happen only once.
+
+    `action: raise` (default) raises. `action: hold` writes this process's pid into the marker and waits up to
+    `hold_s` seconds, so a test can SIGKILL exactly this worker at a known point: after the previous epoch's
+    checkpoint was reported, before the next one exists. Racing a kill against a fast epoch loop is flaky.
+    """
     if not fault or int(fault.get("rank", -1)) != rank or int(fault.get("epoch", -1)) != epoch:
         return
     marker = fault["marker"]
@@ -78,7 +83,13 @@ def _maybe_fault(fault: dict | None, rank: int, epoch: int) -> None:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
+    os.write(fd, str(os.getpid()).encode())
     os.close(fd)
+    if fault.get("action", "raise") == "hold":
+        import time
+
+        time.sleep(float(fault.get("hold_s", 300)))
+        return
     raise RuntimeError(f"injected fault on rank {rank} at epoch {epoch}")
 
 
