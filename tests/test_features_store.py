@@ -76,6 +76,26 @@ def test_manifest_upsert_is_atomic_and_typed(store):
     assert not list(store.path.glob(".*tmp"))  # no temp file left behind
 
 
+def test_reconcile_lists_complete_slides_the_manifest_missed(store):
+    """Ctrl-C between a slide's "complete" and its manifest row: the next run's reconcile mends the row."""
+    rng = np.random.default_rng(3)
+    feats, mask = _slide(rng, 6, 4)
+    store.write_slide("S1", *_slide(rng), {})
+    store.update_manifest([{"slide_id": "S1", "status": "complete", "error": "", "n_tiles": 1, "H": 5, "W": 7,
+                            "seconds": 1.0}])
+    store.write_slide("S2", feats, mask, {})  # complete on disk, never listed
+    store.write_slide("S3", *_slide(rng), {})  # complete on disk, listed as failed by an earlier run
+    store.update_manifest([{"slide_id": "S3", "status": "failed", "error": "x", "n_tiles": 0, "H": 0, "W": 0,
+                            "seconds": 0.0}])
+    assert store.reconcile_manifest() == ["S2", "S3"]
+    df = store.manifest().set_index("slide_id")
+    assert df.loc["S2", "status"] == "complete" and df.loc["S2", "n_tiles"] == int(mask.sum())
+    assert (df.loc["S2", "H"], df.loc["S2", "W"]) == (6, 4)
+    assert df.loc["S3", "status"] == "complete" and df.loc["S3", "error"] == ""
+    assert df.loc["S1", "seconds"] == 1.0  # rows that were right are untouched
+    assert store.reconcile_manifest() == []
+
+
 def test_channel_stats_match_numpy(store):
     rng = np.random.default_rng(2)
     kept = []

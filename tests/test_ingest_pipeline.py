@@ -59,8 +59,10 @@ def cohort(tmp_path_factory):
 
 
 def _spec(root, store):
+    # A coarse thumbnail (a pyramid level above the corrupt level-0 tile) so that `badtile` fails in the read
+    # stage, where the corrupt tile is, not already while planning: that is the path under test.
     return resolve_spec({"cohort": {"csv": "cohort.csv"}, "tiling": TILING, "encoder": ENCODER, "store": store,
-                         "ingest": {"tiles_per_task": 8}}, root)
+                         "ingest": {"tiles_per_task": 8, "tissue": {"min_side": 256}}}, root)
 
 
 def test_bad_input_gets_one_line_errors_and_the_rest_goes_on(cohort, ray_local):
@@ -169,7 +171,8 @@ def test_embed_command_overwrite_exits_nonzero_with_a_summary(cohort, ray_local,
     before = {sid: store.slide_attrs(sid) for sid in store.complete_slides()}
     (cohort / "p.yaml").write_text(
         "cohort: {csv: cohort.csv}\n"
-        f"tiling: {TILING}\nencoder: {ENCODER}\nstore: a.zarr\ningest: {{tiles_per_task: 8}}\n".replace("'", ""))
+        f"tiling: {TILING}\nencoder: {ENCODER}\nstore: a.zarr\n"
+        "ingest: {tiles_per_task: 8, tissue: {min_side: 256}}\n".replace("'", ""))  # as _spec: same plans
     rc = main(["embed", str(cohort / "p.yaml"), "--overwrite", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 1

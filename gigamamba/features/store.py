@@ -236,6 +236,25 @@ class GridStore:
             rows.append(row)
         return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
+    def reconcile_manifest(self) -> list[str]:
+        """Make the manifest agree with the slide groups, which are the truth; return the ids mended.
+
+        A crash or Ctrl-C between a slide's "complete" and its manifest row leaves a complete slide
+        the manifest does not list (or lists as failed); such rows are rebuilt from the slide's attrs.
+        """
+        if not (self.path / MANIFEST).is_file():
+            return []
+        listed = self.manifest().set_index("slide_id")["status"].to_dict()
+        rows = []
+        for sid in self.complete_slides():
+            if listed.get(sid) != COMPLETE:
+                a = self.slide_attrs(sid)
+                rows.append({"slide_id": sid, "status": COMPLETE, "error": "", "n_tiles": a.get("n_tiles", 0),
+                             "H": a["grid_shape"][0], "W": a["grid_shape"][1], "seconds": float("nan")})
+        if rows:
+            self.update_manifest(rows)
+        return [r["slide_id"] for r in rows]
+
     def update_manifest(self, rows: Iterable[dict]) -> "pd.DataFrame":  # noqa: F821
         """Upsert rows by slide_id and rewrite `_manifest.parquet` atomically (temp file + rename)."""
         import pandas as pd

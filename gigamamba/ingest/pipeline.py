@@ -2,16 +2,19 @@
 
     manifest = embed_cohort(load_spec("pipelines/demo.yaml"))
 
-Reads top to bottom as Ray's own examples do:
+Reads top to bottom as Ray's own examples do, and every stage streams into the next:
 
-    plans   = one Ray task per slide: MPP, tissue mask, lattice            (cheap, CPU)
-    ds      = ray.data.from_items(tile chunks of every planned slide)
-                .map_batches(read_tiles)                                   CPU tasks: OpenSlide read + decode,
-                                                                           handles cached per worker
-                .map_batches(TileEmbedder, compute=ActorPoolStrategy)      actors: num_gpus=1 each where GPUs
-                                                                           exist, CPU actors otherwise
-    driver  = iter_batches: per-slide assembly; when a slide's last tile arrives, one Zarr write of the
-              whole slide (one writer per slide), "complete" last, manifest row.
+    ds = ray.data.from_items(one row per slide to embed)
+           .flat_map(plan_rows)                          CPU tasks: MPP, tissue mask, lattice; the slide's tile
+                                                         chunks (the first carries the plan), or one error row
+           .repartition(target_num_rows_per_block=1)     streaming: one chunk per block, so reads spread out
+           .map_batches(read_tiles_batch)                CPU tasks: OpenSlide read + decode, handles cached
+           .map_batches(TileEmbedder, ActorPoolStrategy) actors: num_gpus=1 each where GPUs exist, CPU otherwise
+    driver = iter_batches: per-slide assembly; when a slide's last tile arrives, one Zarr write of the
+             whole slide (one writer per slide), "complete" last, manifest row.
+
+Planning is a stage, not a step before the pipeline: the first slide's tiles reach the encoder while the
+rest of the cohort is still being planned (planning a 48-slide cohort up front once took half the run).
 
 Memory holds the features of the slides in flight, never a slide's pixels (tiles stream through the
 object store in bounded blocks). A failing slide (missing file, corrupt tile, no tissue, no MPP) gets a
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from gigamamba.features.store import GridStore
-from gigamamba.ingest.plan import SlidePlan, failure, plan_slide, read_slide_jobs, tile_chunks
+from gigamamba.ingest.plan import SlideJob, SlidePlan, failure, plan_slide, read_slide_jobs, tile_chunks
 from gigamamba.slides.reader import SlideError
 
 INGEST_DEFAULTS = {
@@ -43,33 +46,75 @@ INGEST_DEFAULTS = {
 
 # ----------------------------------------------------------------------------- Ray stages
 
+def plan_rows(row: dict, tiling: dict, tissue: dict, tiles_per_chunk: int) -> list[dict]:
+    """Ray Data stage: one slide -> its tile chunks, or one error row when it cannot be planned.
+
+    Every chunk carries the slide's n_tiles and grid shape, so the driver can count tiles as they come
+    back; the first chunk also carries the pickled SlidePlan (mask and attrs), needed once per slide.
+    """
+    import pickle
+
+    job = SlideJob(str(row["slide_id"]), str(row["case_id"]), str(row["path"]),
+                   None if row["mpp"] is None or np.isnan(row["mpp"]) else float(row["mpp"]), int(row["line"]))
+    try:
+        plan = plan_slide(job, tiling, tissue)
+    except SlideError as exc:
+        return [_plan_error(job, str(exc))]
+    except Exception as exc:  # an unreadable file can raise anything from deep inside a decoder
+        return [_plan_error(job, f"slide {job.slide_id}: cannot read {job.path} "
+                                 f"({type(exc).__name__}: {' '.join(str(exc).split())})")]
+    chunks = tile_chunks(plan, tiles_per_chunk)
+    h, w = plan.lattice.shape
+    for k, chunk in enumerate(chunks):
+        chunk.update(n_tiles=plan.n_tiles, H=int(h), W=int(w), error="", plan=pickle.dumps(plan) if k == 0 else b"")
+    return chunks
+
+
+def _plan_error(job: SlideJob, error: str) -> dict:
+    return {"slide_id": job.slide_id, "path": job.path, "level": 0, "read_px": 0, "cells": b"", "xy": b"",
+            "n_tiles": 0, "H": 0, "W": 0, "error": error, "plan": b""}
+
+
 def read_tiles_batch(batch: dict, input_px: int) -> dict:
     """Ray Data stage: chunks of cells -> decoded tiles (N, input_px, input_px, 3) uint8.
 
     A corrupt tile fails its whole chunk: every row carries the error and a blank tile, and the driver
-    fails the slide (a slide with a hole in it is not complete).
+    fails the slide (a slide with a hole in it is not complete). A slide that could not be planned
+    arrives as one chunk with no cells and leaves as one row at cell (-1, -1) with its error.
     """
     from gigamamba.slides.reader import read_tiles
 
-    sids, ii, jj, tiles, errors = [], [], [], [], []
+    cols: dict[str, list] = {k: [] for k in ("slide_id", "i", "j", "tile", "error", "plan", "n_tiles", "H", "W")}
     for k in range(len(batch["slide_id"])):
         sid = str(batch["slide_id"][k])
+        err = str(batch["error"][k])
         cells = np.frombuffer(batch["cells"][k], np.int32).reshape(-1, 2)
-        xy = np.frombuffer(batch["xy"][k], np.int64).reshape(-1, 2)
-        try:
-            t = read_tiles(str(batch["path"][k]), int(batch["level"][k]), xy[:, 0], xy[:, 1],
-                           int(batch["read_px"][k]), input_px)
-            err = ""
-        except Exception as exc:  # the slide fails, the pipeline goes on
-            t = np.zeros((len(cells), input_px, input_px, 3), np.uint8)
-            err = f"slide {sid}: " + " ".join(str(exc).split())
-        sids += [sid] * len(cells)
-        ii.append(cells[:, 0])
-        jj.append(cells[:, 1])
-        tiles.append(t)
-        errors += [err] * len(cells)
-    return {"slide_id": np.array(sids, dtype=object), "i": np.concatenate(ii), "j": np.concatenate(jj),
-            "tile": np.concatenate(tiles), "error": np.array(errors, dtype=object)}
+        if err:  # planning failed: pass the error on
+            cells = np.full((1, 2), -1, np.int32)
+            t = np.zeros((1, input_px, input_px, 3), np.uint8)
+        else:
+            xy = np.frombuffer(batch["xy"][k], np.int64).reshape(-1, 2)
+            try:
+                t = read_tiles(str(batch["path"][k]), int(batch["level"][k]), xy[:, 0], xy[:, 1],
+                               int(batch["read_px"][k]), input_px)
+            except Exception as exc:  # the slide fails, the pipeline goes on
+                t = np.zeros((len(cells), input_px, input_px, 3), np.uint8)
+                err = f"slide {sid}: " + " ".join(str(exc).split())
+        n = len(cells)
+        cols["slide_id"] += [sid] * n
+        cols["i"].append(cells[:, 0])
+        cols["j"].append(cells[:, 1])
+        cols["tile"].append(t)
+        cols["error"] += [err] * n
+        cols["plan"] += [bytes(batch["plan"][k])] + [b""] * (n - 1)
+        for key in ("n_tiles", "H", "W"):
+            cols[key].append(np.full(n, int(batch[key][k]), np.int64))
+    out = {k: np.concatenate(v) for k, v in cols.items() if k in ("i", "j", "tile", "n_tiles", "H", "W")}
+    out.update({k: np.array(cols[k], dtype=object) for k in ("slide_id", "error", "plan")})
+    return out
+
+
+PASS_THROUGH = ("slide_id", "i", "j", "error", "plan", "n_tiles", "H", "W")
 
 
 class TileEmbedder:
@@ -89,8 +134,9 @@ class TileEmbedder:
         feats = np.zeros((len(ok), self.encoder.dim), np.float16)
         if ok.any():
             feats[ok] = self.encoder.embed(batch["tile"][ok]).astype(np.float16)
-        return {"slide_id": batch["slide_id"], "i": batch["i"], "j": batch["j"], "features": feats,
-                "error": batch["error"]}
+        out = {k: batch[k] for k in PASS_THROUGH}
+        out["features"] = feats
+        return out
 
 
 def _plan_remote(job, tiling, tissue):
@@ -106,18 +152,26 @@ def _plan_remote(job, tiling, tissue):
 
 @dataclass
 class _Assembly:
-    """Features of one slide in flight, filled as tile batches arrive."""
+    """Features of one slide in flight, filled as tile batches arrive (the plan may come after some tiles)."""
 
-    plan: SlidePlan
+    slide_id: str
+    n_tiles: int
+    shape: tuple[int, int]
     dim: int
+    plan: SlidePlan | None = None
     started: float = field(default_factory=time.perf_counter)
     received: int = 0
     error: str = ""
     features: np.ndarray | None = None
 
-    def add(self, i: np.ndarray, j: np.ndarray, feats: np.ndarray, errors) -> None:
+    def add(self, i: np.ndarray, j: np.ndarray, feats: np.ndarray, errors, plans) -> None:
+        import pickle
+
         if self.features is None:
-            self.features = np.zeros((*self.plan.lattice.shape, self.dim), np.float16)
+            self.features = np.zeros((*self.shape, self.dim), np.float16)
+        for blob in plans:
+            if len(blob):
+                self.plan = pickle.loads(blob)
         self.received += len(i)
         bad = [e for e in errors if e]
         if bad and not self.error:
@@ -126,13 +180,13 @@ class _Assembly:
 
     @property
     def done(self) -> bool:
-        return self.received >= self.plan.n_tiles
+        return self.plan is not None and self.received >= self.n_tiles
 
 
 class _Progress:
     def __init__(self, enabled: bool, n_slides: int, n_tiles: int):
         self.enabled, self.n_slides, self.n_tiles = enabled, n_slides, n_tiles
-        self.tiles = self.complete = self.failed = 0
+        self.tiles = self.complete = self.failed = self.planned = 0
         self.t0 = self.last = time.perf_counter()
         self.first_tile: float | None = None
         self.last_tile: float | None = None
@@ -151,8 +205,9 @@ class _Progress:
             return
         self.last = now
         rate = self.tiles / max(now - self.t0, 1e-9)
+        more = "+" if self.planned < self.n_slides else ""  # the total grows while slides are still planned
         print(f"[embed {now - self.t0:5.1f}s] slides {self.complete + self.failed}/{self.n_slides} ({self.failed} failed) | "
-              f"tiles {self.tiles}/{self.n_tiles} | {rate:.1f} tiles/s{(' | ' + note) if note else ''}",
+              f"tiles {self.tiles}/{self.n_tiles}{more} | {rate:.1f} tiles/s{(' | ' + note) if note else ''}",
               file=sys.stderr, flush=True)
 
 
@@ -178,6 +233,9 @@ def _embed_resources(ray, ingest: dict) -> dict:
     per = max(1, int(ingest.get("cpus_per_actor") or 1))
     size = int(ingest.get("embed_actors") or max(1, cpus // 4))
     return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": per}
+
+
+_PLAN_MEMORY = 512 << 20  # a tissue thumbnail (~1000 px or more a side) with its masks, and OpenSlide's caches
 
 
 def _read_memory(tiles: int, input_px: int) -> int:
@@ -218,25 +276,19 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     jobs, rejected = read_slide_jobs(cohort["csv"], cohort.get("slide_dir"))
 
     store = GridStore(spec["store"], mode="a")
+    if not overwrite:
+        store.reconcile_manifest()
     complete = set() if overwrite else set(store.complete_slides())
     todo = [j for j in jobs if j.slide_id not in complete]
     kept = [j.slide_id for j in jobs if j.slide_id in complete]
 
     ray = _ensure_ray(spec.get("ray") or {})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Slides are planned (MPP, tissue, lattice) in Ray tasks while the driver checks the encoder.
-    plan_task = ray.remote(num_cpus=1)(_plan_remote)
-    refs = [plan_task.remote(j, tiling, ingest.get("tissue") or {}) for j in todo]
     # Built once here: a wrong name or unavailable weights is a spec error, reported before any write.
-    try:
-        probe = create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="cpu")
-        info = probe.info()
-        del probe
-        store.initialise(encoder=info, tiling=tiling, overwrite=overwrite)
-    except Exception:
-        for ref in refs:
-            ray.cancel(ref)
-        raise
+    probe = create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="cpu")
+    info = probe.info()
+    del probe
+    store.initialise(encoder=info, tiling=tiling, overwrite=overwrite)
     actions = {sid: "kept" for sid in kept}
     for row in rejected:
         actions[row["slide_id"]] = "failed"
@@ -250,27 +302,32 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         print(f"[embed {time.perf_counter() - started:5.1f}s] {len(todo)} slide(s) to embed, {len(kept)} already complete, {len(rejected)} rejected; "
               f"encoder {info['name']} ({info['dim']}-d, weights {info['weights']})", file=sys.stderr, flush=True)
 
-    plans: dict[str, SlidePlan] = {}
-    for job, result in zip(todo, ray.get(refs)):
-        if isinstance(result, str):
-            row = failure(job.slide_id, result)
-            rows.append(row)
-            actions[job.slide_id] = "failed"
-            store.update_manifest([row])
-            if on_slide:
-                on_slide(row)
-        else:
-            plans[job.slide_id] = result
-
-    tracker = _Progress(progress, len(todo), sum(p.n_tiles for p in plans.values()))
+    tracker = _Progress(progress, len(todo), 0)
     tracker.t0 = started
-    tracker.failed = len(todo) - len(plans)
-    tracker.say(force=True, note=f"planned {len(plans)} slide(s), {tracker.n_tiles} tiles")
-    if plans:
-        items = [item for p in plans.values() for item in tile_chunks(p, int(ingest["tiles_per_task"]))]
+
+    def record(row: dict) -> None:
+        sid = row["slide_id"]
+        rows.append(row)
+        actions[sid] = "embedded" if row["status"] == "complete" else "failed"
+        tracker.complete += row["status"] == "complete"
+        tracker.failed += row["status"] != "complete"
+        store.update_manifest([row])
+        tracker.say(force=True, note=f"{sid}: {row['status']}" + (f" ({row['error']})" if row["error"] else ""))
+        if on_slide:
+            on_slide(row)
+
+    if todo:
+        slides = [{"slide_id": j.slide_id, "case_id": j.case_id, "path": j.path,
+                   "mpp": float("nan") if j.mpp is None else float(j.mpp), "line": j.line} for j in todo]
         res = _embed_resources(ray, ingest)
+        tissue = ingest.get("tissue") or {}
         ds = (
-            ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
+            ray.data.from_items(slides, override_num_blocks=len(slides))
+            # The planner's memory hint (a thumbnail and its masks) differs from the reader's, so Ray Data
+            # keeps the two stages apart and a slide's chunks are read by many tasks, not by its planner.
+            .flat_map(plan_rows, num_cpus=1, memory=_PLAN_MEMORY,
+                      fn_kwargs={"tiling": tiling, "tissue": tissue, "tiles_per_chunk": int(ingest["tiles_per_task"])})
+            .repartition(target_num_rows_per_block=1)
             # The memory hint is real (a chunk of decoded tiles plus OpenSlide's caches), and it also keeps
             # Ray Data from fusing the reads into the embedding actors: decoding stays parallel on CPUs.
             .map_batches(read_tiles_batch, batch_size=1, batch_format="numpy", num_cpus=float(ingest["read_cpus"]),
@@ -282,29 +339,34 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
                          fn_constructor_kwargs={"encoder": enc, "threads": res["threads"]})
         )
         inflight: dict[str, _Assembly] = {}
+        finished: set[str] = set()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            sids = batch["slide_id"]
-            for sid in np.unique(sids.astype(str)):
+            sids = batch["slide_id"].astype(str)
+            for sid in np.unique(sids):
                 sel = sids == sid
-                asm = inflight.get(sid) or inflight.setdefault(sid, _Assembly(plans[sid], info["dim"]))
-                asm.add(batch["i"][sel], batch["j"][sel], batch["features"][sel], batch["error"][sel])
+                if sid in finished:
+                    continue
+                if batch["i"][sel][0] < 0:  # the slide could not be planned
+                    finished.add(sid)
+                    tracker.planned += 1
+                    record(failure(sid, str(batch["error"][sel][0])))
+                    continue
+                asm = inflight.get(sid)
+                if asm is None:
+                    first = np.flatnonzero(sel)[0]
+                    asm = inflight[sid] = _Assembly(sid, int(batch["n_tiles"][first]),
+                                                    (int(batch["H"][first]), int(batch["W"][first])), info["dim"])
+                    tracker.n_tiles += asm.n_tiles
+                    tracker.planned += 1
+                asm.add(batch["i"][sel], batch["j"][sel], batch["features"][sel], batch["error"][sel],
+                        batch["plan"][sel])
                 tracker.got(int(sel.sum()))
                 if asm.done:
-                    row = _finish(store, inflight.pop(sid))
-                    rows.append(row)
-                    actions[sid] = "embedded" if row["status"] == "complete" else "failed"
-                    tracker.complete += row["status"] == "complete"
-                    tracker.failed += row["status"] != "complete"
-                    store.update_manifest([row])
-                    tracker.say(force=True, note=f"{sid}: {row['status']}")
-                    if on_slide:
-                        on_slide(row)
+                    finished.add(sid)
+                    record(_finish(store, inflight.pop(sid)))
             tracker.say()
         for sid, asm in inflight.items():  # only if Ray lost rows: never mark such a slide complete
-            row = failure(sid, f"slide {sid}: only {asm.received} of {asm.plan.n_tiles} tiles came back")
-            rows.append(row)
-            actions[sid] = "failed"
-            store.update_manifest([row])
+            record(failure(sid, f"slide {sid}: only {asm.received} of {asm.n_tiles} tiles came back"))
 
     manifest = store.manifest()
     ids = [j.slide_id for j in jobs] + [r["slide_id"] for r in rejected]

@@ -15,7 +15,7 @@ import numpy as np
 
 DEFAULTS = {
     "mpp": 8.0,              # thumbnail resolution (um/px), about 1.25x
-    "min_side": 256,         # ... but at least this many pixels along the longer side when the slide allows
+    "min_side": 1000,        # ... or finer, so the longer side has at least ~1000 px when the slide allows
     "blur_um": 16.0,         # Gaussian sigma of the saturation blur
     "min_saturation": 0.07,  # floor of the Otsu threshold: below it is glass even on a tissue-free slide
     "close_um": 32.0,        # radius of the closing that bridges small gaps inside tissue
