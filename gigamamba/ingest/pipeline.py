@@ -4,17 +4,20 @@
 
 Reads top to bottom as Ray's own examples do, and every stage streams into the next:
 
-    ds = ray.data.from_items(one row per slide to embed)
-           .flat_map(plan_rows)                          CPU tasks: MPP, tissue mask, lattice; the slide's tile
-                                                         chunks (the first carries the plan), or one error row
-           .repartition(target_num_rows_per_block=1)     streaming: one chunk per block, so reads spread out
-           .map_batches(read_tiles_batch)                CPU tasks: OpenSlide read + decode, handles cached
+    ds = ray.data.from_items(one row per slide to embed, largest file first)
+           .map_batches(plan_and_read_slides)            CPU tasks, one per slide: MPP, tissue mask, lattice,
+                                                         then OpenSlide read + decode, one tile chunk at a time
+                                                         (the first carries the plan), or one error row
            .map_batches(TileEmbedder, ActorPoolStrategy) actors: num_gpus=1 each where GPUs exist, CPU otherwise
     driver = iter_batches: per-slide assembly; when a slide's last tile arrives, one Zarr write of the
              whole slide (one writer per slide), "complete" last, manifest row.
 
-Planning is a stage, not a step before the pipeline: the first slide's tiles reach the encoder while the
-rest of the cohort is still being planned (planning a 48-slide cohort up front once took half the run).
+With `ingest.split_slides: true` a slide's chunks are read by many tasks instead (plan_rows, a streaming
+repartition to one chunk per block, read_tiles_batch): for cohorts of fewer slides than CPUs. On an H100
+with 16 cores and 48 slides it was 2x slower in steady state than one task per slide (README).
+
+Planning is a stage, not a step before the pipeline, so the first slide's tiles reach the encoder while the
+rest of the cohort is still being planned.
 
 Memory holds the features of the slides in flight, never a slide's pixels (tiles stream through the
 object store in bounded blocks). A failing slide (missing file, corrupt tile, no tissue, no MPP) gets a
@@ -24,6 +27,7 @@ yet complete; overwrite=True redoes everything.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +41,7 @@ from gigamamba.slides.reader import SlideError
 
 INGEST_DEFAULTS = {
     "tiles_per_task": 32,     # tiles one read task decodes (one Ray Data row)
+    "split_slides": False,    # False: one task plans and reads a slide; True: a slide's chunks over many tasks
     "embed_actors": None,     # actor pool size; None: one per GPU, else max(1, CPUs // 4)
     "cpus_per_actor": 1,      # CPU actors: Ray CPUs (and torch threads) per actor
     "read_cpus": 1,           # Ray CPUs per read task
@@ -112,6 +117,15 @@ def read_tiles_batch(batch: dict, input_px: int) -> dict:
     out = {k: np.concatenate(v) for k, v in cols.items() if k in ("i", "j", "tile", "n_tiles", "H", "W")}
     out.update({k: np.array(cols[k], dtype=object) for k in ("slide_id", "error", "plan")})
     return out
+
+
+def plan_and_read_slides(batch: dict, tiling: dict, tissue: dict, tiles_per_chunk: int, input_px: int):
+    """Ray Data stage (one task per slide, `split_slides: false`): plan the slide, then yield its decoded
+    tile chunks one by one, so they stream to the encoder while the rest of the slide is read."""
+    for k in range(len(batch["slide_id"])):
+        row = {key: batch[key][k] for key in batch}
+        for chunk in plan_rows(row, tiling, tissue, tiles_per_chunk):
+            yield read_tiles_batch({key: [value] for key, value in chunk.items()}, input_px)
 
 
 PASS_THROUGH = ("slide_id", "i", "j", "error", "plan", "n_tiles", "H", "W")
@@ -238,6 +252,13 @@ def _embed_resources(ray, ingest: dict) -> dict:
 _PLAN_MEMORY = 512 << 20  # a tissue thumbnail (~1000 px or more a side) with its masks, and OpenSlide's caches
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # missing: it fails fast in planning, order does not matter
+        return 0
+
+
 def _read_memory(tiles: int, input_px: int) -> int:
     # a worker's imports (OpenSlide, PIL, numpy) plus decoded tiles, their resized copies and the output block
     return int(3 * tiles * input_px * input_px * 3 + (192 << 20))
@@ -249,6 +270,32 @@ def encoder_spec(spec: dict) -> dict:
     enc.setdefault("input_px", 224)
     enc.setdefault("batch_size", 64)
     return enc
+
+
+def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, tiling: dict, tissue: dict,
+                   read_args: dict):
+    """slides -> (plan, read) -> encoder actors, as a lazy Ray Data dataset (see the module docstring)."""
+    ds = ray.data.from_items(slides, override_num_blocks=len(slides))
+    if ingest["split_slides"]:
+        ds = (
+            # The planner's memory hint (a thumbnail and its masks) differs from the reader's, so Ray Data
+            # keeps the two stages apart and a slide's chunks are read by many tasks, not by its planner.
+            ds.flat_map(plan_rows, num_cpus=1, memory=_PLAN_MEMORY,
+                        fn_kwargs={"tiling": tiling, "tissue": tissue,
+                                   "tiles_per_chunk": int(ingest["tiles_per_task"])})
+            .repartition(target_num_rows_per_block=1)
+            .map_batches(read_tiles_batch, batch_size=1, batch_format="numpy",
+                         fn_kwargs={"input_px": int(enc["input_px"])}, **read_args)
+        )
+    else:
+        ds = ds.map_batches(plan_and_read_slides, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"tiling": tiling, "tissue": tissue, "input_px": int(enc["input_px"]),
+                                       "tiles_per_chunk": int(ingest["tiles_per_task"])}, **read_args)
+    ds = ds.map_batches(TileEmbedder, batch_size=int(enc["batch_size"]), batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=res["size"]),
+                        num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
+                        fn_constructor_kwargs={"encoder": enc, "threads": res["threads"]})
+    return ds
 
 
 def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_slide=None):
@@ -319,25 +366,25 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     if todo:
         slides = [{"slide_id": j.slide_id, "case_id": j.case_id, "path": j.path,
                    "mpp": float("nan") if j.mpp is None else float(j.mpp), "line": j.line} for j in todo]
+        # Largest files first: with one task per slide, a big slide started last would run on alone.
+        slides.sort(key=lambda row: -_file_size(row["path"]))
         res = _embed_resources(ray, ingest)
         tissue = ingest.get("tissue") or {}
-        ds = (
-            ray.data.from_items(slides, override_num_blocks=len(slides))
-            # The planner's memory hint (a thumbnail and its masks) differs from the reader's, so Ray Data
-            # keeps the two stages apart and a slide's chunks are read by many tasks, not by its planner.
-            .flat_map(plan_rows, num_cpus=1, memory=_PLAN_MEMORY,
-                      fn_kwargs={"tiling": tiling, "tissue": tissue, "tiles_per_chunk": int(ingest["tiles_per_task"])})
-            .repartition(target_num_rows_per_block=1)
-            # The memory hint is real (a chunk of decoded tiles plus OpenSlide's caches), and it also keeps
-            # Ray Data from fusing the reads into the embedding actors: decoding stays parallel on CPUs.
-            .map_batches(read_tiles_batch, batch_size=1, batch_format="numpy", num_cpus=float(ingest["read_cpus"]),
-                         memory=_read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"])),
-                         fn_kwargs={"input_px": int(enc["input_px"])})
-            .map_batches(TileEmbedder, batch_size=int(enc["batch_size"]), batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=res["size"]),
-                         num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
-                         fn_constructor_kwargs={"encoder": enc, "threads": res["threads"]})
-        )
+        read_args = {"num_cpus": float(ingest["read_cpus"]),
+                     # The memory hint is real (a chunk of decoded tiles plus OpenSlide's caches), and it also
+                     # keeps Ray Data from fusing the reads into the embedding actors: decoding stays on CPUs.
+                     "memory": _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))}
+        # A read task yields a chunk of decoded tiles at a time; Ray Data would pack them into 128 MiB blocks
+        # (~850 tiles) before any reaches the encoder. Blocks of about one chunk keep the GPU fed from the first
+        # seconds. Datasets copy the context when created, so the global default is restored afterwards.
+        context = ray.data.DataContext.get_current()
+        default_block = context.target_max_block_size
+        chunk_bytes = int(ingest["tiles_per_task"]) * int(enc["input_px"]) ** 2 * 3
+        context.target_max_block_size = max(1 << 20, chunk_bytes * 3 // 2)
+        try:
+            ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args)
+        finally:
+            context.target_max_block_size = default_block
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
