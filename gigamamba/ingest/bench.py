@@ -38,8 +38,9 @@ def configure(parser) -> None:
                         help="slides the CLAM-style loop reads (it is slow; its rate is what counts)")
     parser.add_argument("--patch-px", type=int, default=256)
     parser.add_argument("--tiles-per-task", type=int, default=32)
-    parser.add_argument("--read-per-slide", action="store_true",
-                        help="one task plans and reads a whole slide (ingest.split_slides: false)")
+    parser.add_argument("--split-slides", action="store_true",
+                        help="spread a slide's tile chunks over many read tasks (ingest.split_slides: true); "
+                             "default: one task plans and reads a slide")
     parser.add_argument("--embed-actors", type=int, default=None)
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
@@ -237,7 +238,7 @@ def run(args) -> int:
         results["ray_init_seconds"] = round(time.perf_counter() - t, 2)
         from gigamamba.ingest.pipeline import embed_cohort
 
-        ingest = {"tiles_per_task": args.tiles_per_task, "split_slides": not args.read_per_slide}
+        ingest = {"tiles_per_task": args.tiles_per_task, "split_slides": bool(args.split_slides)}
         results["split_slides"] = ingest["split_slides"]
         if args.embed_actors:
             ingest["embed_actors"] = args.embed_actors

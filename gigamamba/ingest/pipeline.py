@@ -252,6 +252,17 @@ def _embed_resources(ray, ingest: dict) -> dict:
 _PLAN_MEMORY = 512 << 20  # a tissue thumbnail (~1000 px or more a side) with its masks, and OpenSlide's caches
 
 
+def _read_slots(ray, ingest: dict, res: dict) -> int:
+    """Read tasks at once: the cluster's CPUs less those the encoder actors need.
+
+    A read task that plans and reads a whole slide holds its CPU for seconds; with every CPU taken by
+    reads, the encoder actor could not even start until a slide finished, and the GPU would sit idle.
+    """
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    free = cpus - res["size"] * res["num_cpus"]
+    return max(1, int(free // max(float(ingest["read_cpus"]), 1e-9)))
+
+
 def _file_size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -373,7 +384,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         read_args = {"num_cpus": float(ingest["read_cpus"]),
                      # The memory hint is real (a chunk of decoded tiles plus OpenSlide's caches), and it also
                      # keeps Ray Data from fusing the reads into the embedding actors: decoding stays on CPUs.
-                     "memory": _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))}
+                     "memory": _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"])),
+                     "compute": ray.data.TaskPoolStrategy(size=_read_slots(ray, ingest, res))}
         # A read task yields a chunk of decoded tiles at a time; Ray Data would pack them into 128 MiB blocks
         # (~850 tiles) before any reaches the encoder. Blocks of about one chunk keep the GPU fed from the first
         # seconds. Datasets copy the context when created, so the global default is restored afterwards.
