@@ -28,7 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "encoder": {"name": "resnet50-trunc", "weights": "imagenet", "batch_size": 64, "input_px": 224},
     "store": "{run_dir}/features.zarr",
     "ingest": {                      # gigamamba.ingest.pipeline (Ray Data)
-        "tiles_per_task": 32,        # tiles one read+decode task handles
+        "tiles_per_task": 32,        # tiles per chunk: one read+decode step, one block to the encoder
+        "split_slides": False,       # False: one task plans and reads a slide; True: its chunks over many tasks
         "embed_actors": None,        # encoder actor pool size; None: one per GPU, else CPUs // 4 (at least 1)
         "cpus_per_actor": 1,         # CPU-only clusters: Ray CPUs (= torch threads) per encoder actor
         "read_cpus": 1,              # Ray CPUs per read task
