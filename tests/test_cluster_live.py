@@ -279,6 +279,23 @@ def test_jobs_stop_ends_a_running_job(cluster):
     assert again.returncode == 0 and "was not running" in again.stdout
 
 
+def test_embed_and_train_refuse_node_local_state_on_a_multinode_cluster(cluster, shared, cohort_csv, mlflow_server,
+                                                                        tmp_path):
+    """`embed`/`train` pointed straight at a multi-node cluster run the same check as `submit`, before writing."""
+    ensure_workers(cluster, 1)
+    local_store = tmp_path / "node-local.zarr"  # not under cluster.shared_paths
+    spec = pipeline_spec(shared, "localstate", cohort_csv, mlflow_server, store=str(local_store))
+    embed = gigamamba(["embed", str(spec)], env=driver_env(cluster), timeout=300)
+    assert embed.returncode == 2, embed.stdout[-2000:] + embed.stderr[-2000:]
+    assert "field 'store'" in embed.stderr and "node-local" in embed.stderr
+    assert not local_store.exists()  # refused before the store was created
+    spec = pipeline_spec(shared, "sqlitestate", cohort_csv, f"sqlite:///{shared / 'mlflow.db'}")
+    train = gigamamba(["train", str(spec)], env=driver_env(cluster), timeout=300)
+    assert train.returncode == 2, train.stdout[-2000:] + train.stderr[-2000:]
+    assert "tracking.uri" in train.stderr and "tracking server" in train.stderr
+    assert not (shared / "mlflow.db").exists()
+
+
 def test_training_worker_killed_mid_fold(cluster, reference, mlflow_server, shared, cohort_csv):
     """SIGKILL a Ray Train worker after its first checkpoint: the fold resumes from it, finishes, one MLflow run.
 

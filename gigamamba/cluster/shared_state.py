@@ -92,3 +92,16 @@ def check_shared_state(spec: dict) -> None:
             f"field 'tracking.uri' is {uri!r}; on a Ray cluster MLflow must be a tracking server "
             "(http://HOST:PORT or https://...), not a local SQLite file or directory"
         )
+
+
+def check_when_multinode(spec: dict) -> None:
+    """check_shared_state, when the connected Ray has more than one live node.
+
+    `gigamamba submit` checks before it submits; this covers `embed`/`train`/`run` pointed at a cluster
+    directly (--address, ray.address or RAY_ADDRESS). One node, a laptop's or a single-node `ray start`, keeps
+    node-local paths and a SQLite MLflow store, as the defaults have them.
+    """
+    import ray
+
+    if sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
+        check_shared_state(spec)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gigamamba.cluster.shared_state import check_when_multinode
 from gigamamba.features.store import GridStore
 from gigamamba.ingest.plan import SlideJob, SlidePlan, failure, plan_slide, read_slide_jobs, tile_chunks
 from gigamamba.slides.reader import SlideError
@@ -333,6 +334,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     ingest = {**INGEST_DEFAULTS, **(spec.get("ingest") or {})}
     jobs, rejected = read_slide_jobs(cohort["csv"], cohort.get("slide_dir"))
 
+    ray = _ensure_ray(spec.get("ray") or {})
+    check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
     store = GridStore(spec["store"], mode="a")
     if not overwrite:
         store.reconcile_manifest()
@@ -340,7 +343,6 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     todo = [j for j in jobs if j.slide_id not in complete]
     kept = [j.slide_id for j in jobs if j.slide_id in complete]
 
-    ray = _ensure_ray(spec.get("ray") or {})
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Built once here: a wrong name or unavailable weights is a spec error, reported before any write.
     probe = create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="cpu")

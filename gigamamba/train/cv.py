@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from gigamamba.cluster.shared_state import check_when_multinode
 from gigamamba.cohorts import (
     check_in_store,
     export_clam,
@@ -181,6 +182,8 @@ def run_cv(spec: dict, progress: bool = True) -> dict:
     spec["train"] = dict(spec["train"])
     if not spec["train"].get("monitor"):
         spec["train"]["monitor"] = DEFAULT_MONITOR[spec["task"]]
+    _ensure_ray(spec)
+    check_when_multinode(spec)  # before any MLflow run or checkpoint exists
     cohort, meta = prepare_cohort(spec)
     store = open_store(spec["store"])
     check_in_store(cohort, complete_slides(spec["store"]), str(spec["cohort"]["csv"]))
@@ -220,7 +223,6 @@ def run_cv(spec: dict, progress: bool = True) -> dict:
                 export_survival(folds, d / "splits_survival")
                 client.log_artifacts(parent_id, str(d / "splits_survival"), "splits_survival")
 
-        _ensure_ray(spec)
         tc = spec["train"]
         use_gpu = _use_gpu(tc.get("use_gpu", "auto"))
         storage = str(tc.get("storage_path") or (run_dir / "ray_results").resolve())
