@@ -18,6 +18,8 @@ def test_demo_yaml_mirrors_embedded_defaults():
     for key, value in DEMO["cv"].items():
         assert spec["cv"][key] == value, key
     assert spec["model"]["kwargs"] == DEMO["model_kwargs"]
+    assert spec["ingest"]["tissue"] == DEMO["ingest"]["tissue"]
+    assert cohort_spec(ROOT, "spatial", 2, 5, 5)["ingest"]["tissue"] == DEMO["ingest"]["tissue"]
     # Paths point into ./gigamamba-demo at the repository root, which git ignores.
     assert Path(spec["cohort"]["csv"]) == ROOT / "gigamamba-demo" / "spatial" / "cohort.csv"
     assert "/gigamamba-demo/" in (ROOT / ".gitignore").read_text()
