@@ -213,33 +213,34 @@ def test_sigint_mid_run_then_resume(tmp_path, ray_local):
     import signal
     import subprocess
     import sys
-    import time
 
     from gigamamba.ingest.pipeline import embed_cohort
 
-    write_synthetic_cohort(tmp_path, task="spatial", n_slides=6, seed=7, size_px=1536, magnifications=(20,))
+    n = 8
+    write_synthetic_cohort(tmp_path, task="spatial", n_slides=n, seed=7, size_px=1536, magnifications=(20,))
     (tmp_path / "p.yaml").write_text(
         "cohort: {csv: cohort.csv}\n"
-        # read_cpus 3 of the 4 Ray CPUs (one is the encoder actor's): one slide read at a time, so slides complete
-        # seconds apart and the interrupt lands mid-cohort, not after a wave of slides that finished together.
+        # read_cpus 3 of the 4 Ray CPUs (one is the encoder actor's): one slide read at a time.
         f"tiling: {TILING}\nencoder: {ENCODER}\nstore: s.zarr\ningest: {{tiles_per_task: 4, read_cpus: 3}}\n"
         .replace("'", ""))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "gigamamba", "embed", str(tmp_path / "p.yaml")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    manifest = tmp_path / "s.zarr" / "_manifest.parquet"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if manifest.exists() and (pd.read_parquet(manifest).status == "complete").any():
+    # Ctrl-C the moment the driver reports its first complete slide. Polling the manifest instead once missed
+    # the whole run on a loaded CI machine: when the encoder actor starts late, every slide completes in one burst.
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if ": complete" in line:
             proc.send_signal(signal.SIGINT)
             break
-        time.sleep(0.2)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, "the run finished before it could be interrupted: the test lost its point"
+    out = "".join(seen) + out
+    assert proc.returncode != 0, f"the run finished before it could be interrupted:\n{out[-2000:]}"
     assert proc.returncode == 130, out[-2000:]
     store = GridStore(tmp_path / "s.zarr")
     done_first = set(store.complete_slides())
-    assert 1 <= len(done_first) < 6
+    assert 1 <= len(done_first) < n
     for sid in done_first:  # what claims to be complete is whole
         feats, mask = store.read(sid)
         assert mask.sum() == store.slide_attrs(sid)["n_tiles"] and np.abs(feats[mask]).sum(-1).min() > 0
@@ -248,4 +249,4 @@ def test_sigint_mid_run_then_resume(tmp_path, ray_local):
     df = embed_cohort(spec, progress=False).set_index("slide_id")
     assert set(df.index[df.action == "kept"]) == done_first
     assert set(df.index[df.action == "embedded"]) == set(df.index) - done_first
-    assert len(store.complete_slides()) == 6
+    assert len(store.complete_slides()) == n
