@@ -224,8 +224,11 @@ def test_sigint_mid_run_then_resume(tmp_path, ray_local):
         f"tiling: {TILING}\nencoder: {ENCODER}\nstore: s.zarr\ningest: {{tiles_per_task: 4, read_cpus: 3}}\n"
         .replace("'", ""))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # A test run started in the background (`cmd &`, nohup) inherits SIGINT ignored, and Python then keeps it
+    # ignored: give the child the default disposition, as a terminal would, so Ctrl-C means KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "gigamamba", "embed", str(tmp_path / "p.yaml")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Ctrl-C the moment the driver reports its first complete slide. Polling the manifest instead once missed
     # the whole run on a loaded CI machine: when the encoder actor starts late, every slide completes in one burst.
     seen = []
