@@ -154,15 +154,6 @@ class TileEmbedder:
         return out
 
 
-def _plan_remote(job, tiling, tissue):
-    try:
-        return plan_slide(job, tiling, tissue)
-    except SlideError as exc:
-        return str(exc)
-    except Exception as exc:  # an unreadable file can raise anything from deep inside a decoder
-        return f"slide {job.slide_id}: cannot read {job.path} ({type(exc).__name__}: {' '.join(str(exc).split())})"
-
-
 # ----------------------------------------------------------------------------- driver side
 
 @dataclass
