@@ -120,10 +120,11 @@ void forward_carries(Params& p, int dt, cudaStream_t st, const Tensor& u, Tensor
 }  // namespace
 
 // Returns (out, row carries, column carries); keep: bit 0 keeps the row carries, bit 1 the column carries
-// (undefined tensors otherwise).
+// (undefined tensors otherwise). wavefront: one pass (MODE 4); otherwise the three-pass reference layout
+// (aggregates, short carry scans, output), kept beside it as the fallback and for tests.
 std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tensor Cm, c10::optional<Tensor> Dv,
                                c10::optional<Tensor> z, c10::optional<Tensor> dbias, bool softplus,
-                               c10::optional<Tensor> sizes, int64_t keep) {
+                               c10::optional<Tensor> sizes, int64_t keep, bool wavefront) {
   Params p = make_params(u, delta, A, Bm, Cm, Dv, z, dbias, softplus, sizes);
   c10::cuda::CUDAGuard guard(u.device());
   cudaStream_t st = c10::cuda::getCurrentCUDAStream();
@@ -131,10 +132,26 @@ std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   Tensor out = torch::empty_like(u);
   if (u.numel() == 0) return {out, Tensor(), Tensor()};
   Tensor rowc, colc;
-  forward_carries(p, dt, st, u, rowc, colc);
   p.out = out.data_ptr();
-  scan2d::launch_fwd_tiles(p, 2, dt, st);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (wavefront) {
+    auto f32 = u.options().dtype(at::kFloat);
+    int64_t BD = (int64_t)p.Bsz * p.D;
+    // carries start as the "pending" pattern: the kernel's hand-over polls for it to be replaced
+    auto i32 = u.options().dtype(at::kInt);
+    const int64_t pending = (int64_t)scan2d::CARRY_PENDING;
+    rowc = torch::full({BD, p.N, p.TC, p.H}, pending, i32).view(at::kFloat);
+    colc = torch::full({BD, p.N, p.TR, p.W}, pending, i32).view(at::kFloat);
+    Tensor flags = torch::zeros({1}, i32);  // the tile counter
+    p.rowc = rowc.data_ptr<float>();
+    p.colc = colc.data_ptr<float>();
+    p.flags = flags.data_ptr<int>();
+    scan2d::launch_fwd_tiles(p, 4, dt, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    forward_carries(p, dt, st, u, rowc, colc);
+    scan2d::launch_fwd_tiles(p, 2, dt, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {out, (keep & 1) ? rowc : Tensor(), (keep & 2) ? colc : Tensor()};
 }
 

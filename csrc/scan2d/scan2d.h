@@ -26,6 +26,7 @@ constexpr int WPBF = 8;         // warps (channels) per block in the forward-sty
 constexpr int NBUF = 4;         // states in flight (cp.async ring) in the tile passes
 constexpr int SCAL = 72;        // per warp and state: 32 row carries, 32 column carries, A (padded)
 constexpr float LOG2E = 1.4426950408889634f;
+constexpr unsigned CARRY_PENDING = 0x7fbadbadu;  // a NaN payload arithmetic never makes (wavefront hand-over)
 
 struct Params {
   int Bsz, D, N, H, W, G, Dg;   // Dg = channels per group
@@ -45,6 +46,7 @@ struct Params {
   float *dBp, *dCp;             // partials [K][B][G][N][H][W]
   float *dAp;                   // [B*TR*TC][D][N]
   float *dDp, *dbp;             // [B*TR*TC][D]
+  int* flags;                   // wavefront forward: [0] the block counter that hands out tiles in order
 };
 
 #ifdef __CUDACC__  // device helpers; binding.cpp (host compiler) sees only Params and the launchers
@@ -116,6 +118,23 @@ __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* d
     const int r = warp + m * NW;
     const bool ok = jok && i0 + r < hb;
     cp_async4(dst + r * LD + lane, ok ? s0 + (int64_t)(m * NW) * W : src, ok);
+  }
+}
+
+// Wavefront hand-over between blocks (single-pass forward). The carry itself is the ready flag: the carry
+// buffers are filled with a NaN bit pattern no arithmetic produces (GPU NaNs are canonical), the producer
+// stores each carry once (a 4-byte store is single-copy atomic), and the consumer polls its own element
+// until the pattern is gone. No fence and no separate flag: v8a's fence + flag per hand-over cost ~2 us a
+// state on the critical path (NOTES.md).
+__device__ __forceinline__ void put_carry(float* dst, float v) {
+  asm volatile("st.relaxed.gpu.global.f32 [%0], %1;" ::"l"(dst), "f"(v) : "memory");
+}
+__device__ __forceinline__ float wait_carry(const float* src) {
+  unsigned v;
+  for (;;) {
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(src) : "memory");
+    if (v != CARRY_PENDING) return __uint_as_float(v);
+    __nanosleep(32);
   }
 }
 

@@ -9,6 +9,13 @@ namespace scan2d {
 // MODE 1: column aggregates (hh with its true row carry, then h from 0 to the tile's last row).
 // MODE 2: the output, with both carries.
 // MODE 3: as MODE 2, but writes dz = dout * y * silu'(z) (backward; y is needed only there).
+// MODE 4: the single-pass wavefront forward: as MODE 2, but the carries are not read from earlier passes.
+//   Blocks take tiles in raster order from an atomic counter, so the left and upper neighbours of a tile
+//   were handed out before it (no deadlock). Per state n, a warp waits for its left neighbour's row carry,
+//   scans the rows and hands its own row carry on to the right, then waits for the column carry from above,
+//   scans the columns and hands on downwards. Handing over per state pipelines a row of tiles: the right
+//   neighbour starts state n while this tile runs state n's columns and state n+1. The carries it writes
+//   are the tile-edge carries backward needs (rowc/colc, as the multi-pass path leaves them).
 // Warps (channels) per block: 8 for the aggregate passes; the output passes keep y[32] in registers too,
 // so they run 4 warps at up to 168 registers (3 blocks/SM) rather than 8 capped at 128 (which spills).
 __host__ __device__ constexpr int fwd_warps(int mode) { return mode >= 2 ? 4 : WPBF; }
@@ -16,6 +23,7 @@ __host__ __device__ constexpr int fwd_warps(int mode) { return mode >= 2 ? 4 : W
 template <typename T, int MODE>
 __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_tile_kernel(Params p) {
   constexpr int NW = fwd_warps(MODE);
+  constexpr bool WAVE = MODE == 4, DZ = MODE == 3;
   extern __shared__ float sm[];
   float* Bring = sm;                     // NBUF B tiles
   float* Cring = Bring + NBUF * TILE;    // NBUF C tiles (MODE >= 2)
@@ -26,9 +34,16 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
 
   const int cpg = (p.Dg + NW - 1) / NW;
   const int chunks = p.G * cpg, ntiles = p.TR * p.TC;
-  const int gc = blockIdx.x % chunks;
-  const int tile = (blockIdx.x / chunks) % ntiles;
-  const int b = blockIdx.x / chunks / ntiles;
+  int vb = blockIdx.x;
+  if (WAVE) {  // dynamic block order: a tile's dependencies are always handed out first
+    __shared__ int s_vb;
+    if (threadIdx.x == 0) s_vb = atomicAdd(p.flags, 1);
+    __syncthreads();
+    vb = s_vb;
+  }
+  const int gc = vb % chunks;
+  const int tile = (vb / chunks) % ntiles;
+  const int b = vb / chunks / ntiles;
   const int g = gc / cpg;
   const int cig = (gc % cpg) * NW + warp;
   const bool valid = cig < p.Dg;
@@ -106,8 +121,8 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
       stage_bc<NW>(Bbase + n * HW, Bring + slot * TILE, i0, j0, hb, wb, W);
       if (MODE >= 2) stage_bc<NW>(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
       float* sc = Sring + (slot * NW + warp) * SCAL;
-      if (MODE != 0) cp_async4(sc + lane, p.rowc + (row_ok ? rbase + (int64_t)n * p.TC * H : 0), row_ok);
-      if (MODE >= 2) cp_async4(sc + 32 + lane, p.colc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
+      if (MODE != 0 && !WAVE) cp_async4(sc + lane, p.rowc + (row_ok ? rbase + (int64_t)n * p.TC * H : 0), row_ok);
+      if (MODE >= 2 && !WAVE) cp_async4(sc + 32 + lane, p.colc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
       if (lane == 0) cp_async4(sc + 64, p.A + d * N + n, valid);
     }
     cp_async_commit();  // possibly empty: keeps one group per state
@@ -124,7 +139,15 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
     const float* Cs = Cring + slot * TILE;
     const float* sc = Sring + (slot * NW + warp) * SCAL;
     const float A2 = sc[64] * LOG2E;
-    float hh = MODE != 0 ? sc[lane] : 0.f, h = MODE >= 2 ? sc[32 + lane] : 0.f;
+    float hh = MODE != 0 && !WAVE ? sc[lane] : 0.f, h = MODE >= 2 && !WAVE ? sc[32 + lane] : 0.f;
+    const int64_t rn = rbase + (int64_t)n * p.TC * H, cn = cbase + (int64_t)n * p.TR * W;
+    if (WAVE) {
+      if (t > 0) {
+        if (row_ok) hh = wait_carry(p.rowc + rn);  // from the left neighbour
+      } else if (row_ok) {
+        p.rowc[rn] = 0.f;  // nothing enters the first tile column; kept for backward like the others
+      }
+    }
     // horizontal: lane = row
     // B is read 8 columns ahead of the stores: the loads need not wait behind stores that might alias
 #pragma unroll
@@ -147,6 +170,14 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
       if (row_ok) p.rowc[rbase + (int64_t)n * p.TC * H] = hh;
       continue;
     }
+    if (WAVE) {
+      if (t + 1 < p.TC && row_ok) put_carry(p.rowc + rn + H, hh);  // into the tile to the right
+      if (s > 0) {
+        if (col_ok) h = wait_carry(p.colc + cn);  // from the upper neighbour
+      } else if (col_ok) {
+        p.colc[cn] = 0.f;
+      }
+    }
     __syncwarp();
     // vertical: lane = column
 #pragma unroll
@@ -155,13 +186,14 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
       if (MODE >= 2) y[r] = fmaf(Cs[r * LD + lane], h, y[r]);
     }
     if (MODE == 1 && col_ok) p.colc[cbase + (int64_t)n * p.TR * W] = h;
+    if (WAVE && s + 1 < p.TR && col_ok) put_carry(p.colc + cn + W, h);  // into the tile below
     __syncwarp();
   }
 
   if (MODE >= 2 && valid) {
     const T* zp = p.z ? (const T*)p.z + plane : nullptr;
-    const T* gp = MODE == 3 ? (const T*)p.dout + plane : nullptr;
-    T* op = (T*)(MODE == 2 ? p.out : p.dz) + plane;
+    const T* gp = DZ ? (const T*)p.dout + plane : nullptr;
+    T* op = (T*)(DZ ? p.dz : p.out) + plane;
     const float Dd = p.Dv ? p.Dv[d] : 0.f;
     const int j = j0 + lane;
 #pragma unroll
@@ -174,7 +206,7 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
         const int64_t o = in ? (int64_t)i * W + j : 0;
         uv[m] = in ? ldf(up + o) : 0.f;
         zv[m] = in && zp ? ldf(zp + o) : 0.f;
-        gv[m] = in && MODE == 3 ? ldf(gp + o) : 0.f;
+        gv[m] = in && DZ ? ldf(gp + o) : 0.f;
       }
 #pragma unroll
       for (int m = 0; m < RCH; ++m) {
@@ -183,7 +215,7 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
           float v = 0.f;
           if (i < hb && j < wb) {
             float yv = y[r] + Dd * uv[m];
-            if (MODE == 2) {
+            if (!DZ) {
               v = zp ? yv * zv[m] * sigmoid_f(zv[m]) : yv;
             } else {
               float sz = sigmoid_f(zv[m]);
@@ -248,7 +280,8 @@ static void launch_t(const Params& p, int mode, cudaStream_t st) {
   if (mode == 0) launch_mode<T, 0>(p, st);
   else if (mode == 1) launch_mode<T, 1>(p, st);
   else if (mode == 2) launch_mode<T, 2>(p, st);
-  else launch_mode<T, 3>(p, st);
+  else if (mode == 3) launch_mode<T, 3>(p, st);
+  else launch_mode<T, 4>(p, st);
 }
 
 void launch_fwd_tiles(const Params& p, int mode, int dtype, cudaStream_t st) {

@@ -119,6 +119,11 @@ def available() -> bool:
         return False
 
 
+# "wavefront": one pass, tiles handing carries to their right and lower neighbours (csrc/scan2d/NOTES.md, v8).
+# "passes": the three-pass layout it replaced, kept as the reference it is tested against.
+FORWARD = os.environ.get("GIGAMAMBA_SCAN2D_FORWARD", "wavefront")
+
+
 def _keep_mask(u, n_state) -> int:
     """Which forward carries backward may reuse: saved tensors stay within u's bytes (column carries
     first, as they cost the longer recompute). Bit 0: row carries, bit 1: column carries."""
@@ -155,7 +160,8 @@ class Scan2dFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sizes):
         ext = _load()
         uu, dd, AA, B5, C5, DD, zz, db, sz = _prepare(u, delta, A, B, C, D, z, delta_bias, sizes)
-        out, rowc, colc = ext.fwd(uu, dd, AA, B5, C5, DD, zz, db, bool(delta_softplus), sz, _keep_mask(uu, AA.shape[1]))
+        out, rowc, colc = ext.fwd(uu, dd, AA, B5, C5, DD, zz, db, bool(delta_softplus), sz, _keep_mask(uu, AA.shape[1]),
+                                  FORWARD != "passes")
         ctx.delta_softplus = bool(delta_softplus)
         ctx.meta = (u.dtype, delta.dtype, B.dim(), B.dtype, C.dtype, z.dtype if z is not None else None)
         ctx.has = (D is not None, z is not None, delta_bias is not None)
