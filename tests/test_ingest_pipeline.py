@@ -253,3 +253,78 @@ def test_sigint_mid_run_then_resume(tmp_path, ray_local):
     assert set(df.index[df.action == "kept"]) == done_first
     assert set(df.index[df.action == "embedded"]) == set(df.index) - done_first
     assert len(store.complete_slides()) == n
+
+
+def _first(events, name, **match):
+    ts = [e["t"] for e in events if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
+    assert ts, f"no {name} {match} in the trace: {sorted({e['event'] for e in events})}"
+    return min(ts)
+
+
+def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path, monkeypatch):
+    """GIGAMAMBA_INGEST_TRACE: driver, read tasks and encoder actor each write their events, in order.
+
+    ray_local started before the variable was set, so the workers' events prove trace_dir is passed to them.
+    """
+    import os
+
+    from gigamamba.ingest.pipeline import TRACE_ENV, embed_cohort, read_trace
+
+    trace = tmp_path / "trace"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
+    df = embed_cohort(_spec(cohort, "trace.zarr"), overwrite=True, progress=False).set_index("slide_id")
+    events = read_trace(trace)
+    driver = [e for e in events if e["pid"] == os.getpid()]
+    assert [e["event"] for e in driver][0] == "embed_start" and driver[-1]["event"] == "embed_end"
+    t = {name: _first(events, name) for name in (
+        "embed_start", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "actor_init_start",
+        "actor_imports_done", "actor_model_ready", "actor_first_call_start", "actor_first_call_done",
+        "first_batch", "first_slide_complete", "embed_end")}
+    assert t["embed_start"] <= t["dataset_built"] <= t["read_task_start"] <= t["plan_done"] <= t["first_chunk_read"]
+    assert (t["embed_start"] <= t["actor_init_start"] <= t["actor_imports_done"] <= t["actor_model_ready"]
+            <= t["actor_first_call_start"] <= t["actor_first_call_done"] <= t["embed_end"])
+    assert max(t["first_chunk_read"], t["actor_first_call_done"]) <= t["first_batch"] <= t["first_slide_complete"]
+    assert t["first_slide_complete"] <= t["embed_end"] == max(e["t"] for e in events)
+    # the stages ran in Ray workers, not in the driver
+    for name in ("read_task_start", "first_chunk_read", "actor_model_ready"):
+        assert {e["pid"] for e in events if e["event"] == name} - {os.getpid()}, name
+    # every slide that reached planning: start, then plan_done; only planned slides read a first chunk
+    planned = {e["slide_id"] for e in events if e["event"] == "read_task_start"}
+    assert planned == set(df.index) - {"dup", "../x"}  # rejected from the CSV, never planned
+    for sid in planned:
+        assert _first(events, "read_task_start", slide_id=sid) <= _first(events, "plan_done", slide_id=sid)
+    read = {e["slide_id"] for e in events if e["event"] == "first_chunk_read"}
+    assert set(df.index[df.status == "complete"]) | {"badtile"} <= read <= planned - {"blank", "nompp", "gone"}
+    assert all(e["seconds"] >= 0 for e in events if e["event"] == "plan_done")
+    first_call = [e for e in events if e["event"] == "actor_first_call_done"]
+    assert all(0 < e["batch"] <= ENCODER["batch_size"] for e in first_call)
+    assert len(first_call) == len({e["pid"] for e in events if e["event"] == "actor_init_start"})  # once an actor
+    calls = [e for e in events if e["event"] == "actor_call_done"]
+    assert 0 < len(calls) <= 16 * len(first_call)  # the first calls only: a trace stays light
+    assert all(0 < e["batch"] <= ENCODER["batch_size"] and e["seconds"] > 0 for e in calls)
+    rows = [e["rows"] for e in events if e["event"] == "driver_batch"]
+    assert rows and rows[0] == next(e["rows"] for e in events if e["event"] == "first_batch")
+
+    # Unset: nothing is written anywhere.
+    monkeypatch.delenv(TRACE_ENV)
+    before = sorted(p.name for p in trace.iterdir())
+    embed_cohort(_spec(cohort, "trace.zarr"), progress=False)
+    assert sorted(p.name for p in trace.iterdir()) == before and read_trace(trace) == events
+
+
+def test_split_layout_stages_trace_plan_and_first_chunk(cohort, tmp_path):
+    """plan_rows and read_tiles_batch (split_slides: true) write the same read-side events, in process."""
+    from gigamamba.ingest.pipeline import plan_rows, read_trace, read_tiles_batch
+
+    row = {"slide_id": "clas000", "case_id": "c0", "path": str(cohort / "slides" / "clas000.svs"),
+           "mpp": float("nan"), "line": 2}
+    chunks = plan_rows(row, TILING, {"min_side": 256}, 8, trace_dir=str(tmp_path))
+    assert len(chunks) > 1
+    for chunk in chunks[:2]:
+        read_tiles_batch({k: [v] for k, v in chunk.items()}, 32, trace_dir=str(tmp_path))
+    events = read_trace(tmp_path)
+    assert [e["event"] for e in events] == ["read_task_start", "plan_done", "first_chunk_read"]
+    assert all(e["slide_id"] == "clas000" for e in events)
+    assert events[1]["seconds"] > 0 and events[2]["tiles"] == 8
+    plan_rows({**row, "slide_id": "nofile", "path": str(tmp_path / "nofile.svs")}, TILING, {}, 8)  # no trace_dir
+    assert read_trace(tmp_path) == events

@@ -6,6 +6,8 @@
     CLAM-style loop one process: per slide, read_region in a Dataset -> DataLoader(num_workers=0) -> model
 
 The cohort is synthetic (gigamamba synth) and written once into --workdir; later runs reuse it.
+The pipeline run is traced (GIGAMAMBA_INGEST_TRACE, WORKDIR/trace-*): `startup_breakdown` in the results
+gives, in seconds after embed_cohort started, when each stage first got going.
 On a GPU machine use at least 1,000 tiles a slide, e.g.
     gigamamba bench ingest --slides 48 --unique-slides 4 --size-px 16384 --batch-size 256
 """
@@ -16,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,6 +126,52 @@ def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -
             n += len(tiles[s : s + batch_size])
     sync()
     return n / (time.perf_counter() - t0)
+
+
+# startup_breakdown keys -> trace event; the first occurrence over all processes counts
+_STARTUP_EVENTS = {
+    "ray_ready": "ray_ready", "encoder_probe_done": "encoder_probe_done", "dataset_built": "dataset_built",
+    "read_task_start": "read_task_start", "plan_done": "plan_done", "first_chunk_read": "first_chunk_read",
+    "actor_init_start": "actor_init_start", "actor_imports_done": "actor_imports_done",
+    "actor_cuda_ready": "actor_cuda_ready", "actor_model_ready": "actor_model_ready",
+    "actor_first_call_start": "actor_first_call_start", "actor_first_call_done": "actor_first_call_done",
+    "first_batch": "first_batch", "first_slide_complete": "first_slide_complete", "embed_end": "embed_end",
+}
+
+
+def startup_breakdown(events: list[dict]) -> dict:
+    """Seconds after embed_start at which each traced event first happened (absent events are left out),
+    the median planning seconds of a slide, and the process starts of the first actor and read task."""
+    start = [e["t"] for e in events if e["event"] == "embed_start"]
+    if not start:
+        return {}
+    t0 = min(start)
+    out: dict = {}
+    for key, name in _STARTUP_EVENTS.items():
+        ts = [e["t"] for e in events if e["event"] == name]
+        if ts:
+            out[key] = round(min(ts) - t0, 3)
+    # The first actor's and read task's process start and import of the pipeline module: Ray scheduling
+    # vs imports. A worker started before embed_start (Ray prestarts some) shows as a negative number.
+    for who, name in (("actor", "actor_init_start"), ("read", "read_task_start")):
+        first = min((e for e in events if e["event"] == name), key=lambda e: e["t"], default=None)
+        for field, key in (("proc_start", "process_start"), ("module_import_start", "module_import_start"),
+                           ("module_import_end", "module_import_end")):
+            if first and first.get(field):
+                out[f"{who}_{key}"] = round(first[field] - t0, 3)
+    if "first_batch" in out:  # work the actors had done before anything reached the driver
+        first_batch = t0 + out["first_batch"]
+        calls = [e for e in events if e["event"] == "actor_call_done" and e["t"] <= first_batch]
+        out["actor_calls_before_first_batch"] = len(calls)
+        out["tiles_embedded_before_first_batch"] = sum(e["batch"] for e in calls)
+        out["first_batch_rows"] = next(e["rows"] for e in events if e["event"] == "first_batch")
+    plans = [e["seconds"] for e in events if e["event"] == "plan_done" and "seconds" in e]
+    if plans:
+        out["plan_seconds_median"] = round(float(np.median(plans)), 3)
+        out["plan_seconds_max"] = round(float(np.max(plans)), 3)
+    out["actors"] = len({e["pid"] for e in events if e["event"] == "actor_init_start"})
+    out["read_processes"] = len({e["pid"] for e in events if e["event"] == "read_task_start"})
+    return out
 
 
 class _SlideTiles:
@@ -248,9 +297,22 @@ def run(args) -> int:
                              "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
                                          "batch_size": batch_size},
                              "store": str(work / f"store-{tag}.zarr"), "ingest": ingest}, work)
-        t = time.perf_counter()
-        manifest = embed_cohort(spec, overwrite=True, progress=True)
-        wall = time.perf_counter() - t
+        from gigamamba.ingest.pipeline import TRACE_ENV, read_trace
+
+        trace_dir = tempfile.mkdtemp(prefix="trace-", dir=work)
+        previous = os.environ.get(TRACE_ENV)
+        os.environ[TRACE_ENV] = trace_dir
+        try:
+            t = time.perf_counter()
+            manifest = embed_cohort(spec, overwrite=True, progress=True)
+            wall = time.perf_counter() - t
+        finally:
+            if previous is None:
+                os.environ.pop(TRACE_ENV, None)
+            else:
+                os.environ[TRACE_ENV] = previous
+        results["trace_dir"] = trace_dir
+        results["startup_breakdown"] = startup_breakdown(read_trace(trace_dir))
         done = int(manifest.loc[manifest.status == "complete", "n_tiles"].sum())
         rates["end_to_end"] = done / wall
         results.setdefault("load_avg_1m_at", {})["end_to_end"] = _load()
@@ -277,6 +339,8 @@ def run(args) -> int:
     out = Path(args.out) if args.out else work / "results.json"
     out.write_text(json.dumps(results, indent=2))
     print(_table(results))
+    if results.get("startup_breakdown"):
+        print(_startup_table(results["startup_breakdown"]))
     print(f"\nresults: {out}")
     return 0
 
@@ -300,4 +364,22 @@ def _table(res: dict) -> str:
         lines.append(f"end to end / lower ceiling: {res['fraction_of_lower_ceiling']:.0%}"
                      + (f" (steady state {res['steady_fraction_of_lower_ceiling']:.0%})"
                         if "steady_fraction_of_lower_ceiling" in res else ""))
+    return "\n".join(lines)
+
+
+def _startup_table(b: dict) -> str:
+    """The start-up breakdown: one line per event in time order, then the counts."""
+    counts = ("actors", "read_processes", "first_batch_rows", "actor_calls_before_first_batch",
+              "tiles_embedded_before_first_batch")
+    lines = ["start-up, seconds after embed_cohort started:"]
+    timed = sorted(((k, v) for k, v in b.items() if k not in counts and not k.startswith("plan_seconds")),
+                   key=lambda kv: kv[1])
+    for key, value in timed:
+        lines.append(f"  {key:<34}{value:>8.2f}")
+    if "plan_seconds_median" in b:
+        lines.append(f"  plan seconds a slide: median {b['plan_seconds_median']:.2f}, max {b['plan_seconds_max']:.2f}")
+    if "first_batch_rows" in b:
+        lines.append(f"  first batch back: {b['first_batch_rows']} rows, after {b['actor_calls_before_first_batch']} "
+                     f"actor calls ({b['tiles_embedded_before_first_batch']} tiles embedded)")
+    lines.append(f"  actors {b.get('actors', 0)}, read processes {b.get('read_processes', 0)}")
     return "\n".join(lines)

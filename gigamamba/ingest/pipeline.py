@@ -23,13 +23,21 @@ Memory holds the features of the slides in flight, never a slide's pixels (tiles
 object store in bounded blocks). A failing slide (missing file, corrupt tile, no tissue, no MPP) gets a
 one-line error in the manifest and the rest of the cohort goes on. A rerun embeds only the slides not
 yet complete; overwrite=True redoes everything.
+
+With GIGAMAMBA_INGEST_TRACE=DIR every stage appends JSON lines {"event", "t", "pid", ...} to DIR/<host>-<pid>.jsonl
+(one file a process, so no locking): where the start-up goes, read back by `gigamamba bench ingest`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
 import time
+
+_IMPORT_T0 = time.time()  # in a Ray worker: when unpickling a stage started importing this module
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +47,8 @@ from gigamamba.cluster.shared_state import check_when_multinode
 from gigamamba.features.store import GridStore
 from gigamamba.ingest.plan import SlideJob, SlidePlan, failure, plan_slide, read_slide_jobs, tile_chunks
 from gigamamba.slides.reader import SlideError
+
+_IMPORT_T1 = time.time()
 
 INGEST_DEFAULTS = {
     "tiles_per_task": 32,     # tiles one read task decodes (one Ray Data row)
@@ -50,9 +60,65 @@ INGEST_DEFAULTS = {
 }
 
 
+# ----------------------------------------------------------------------------- start-up trace
+
+TRACE_ENV = "GIGAMAMBA_INGEST_TRACE"
+
+
+def trace_dir_from_env() -> str | None:
+    value = os.environ.get(TRACE_ENV)
+    return os.path.abspath(value) if value else None  # absolute: Ray workers run in other directories
+
+
+def read_trace(trace_dir: str | Path) -> list[dict]:
+    """Every event of every process in trace_dir, sorted by time."""
+    events = []
+    for f in sorted(Path(trace_dir).glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:  # a blank line, or a process killed mid-write
+                pass
+    return sorted(events, key=lambda e: e["t"])
+
+
+def _trace(trace_dir: str | None, event: str, **fields) -> None:
+    """Append one event line to trace_dir/<host>-<pid>.jsonl; a no-op when trace_dir is None.
+
+    Workers get trace_dir from the driver as an argument: a Ray started before the variable was set
+    (a test's shared Ray, the bench's own ray.init) would not have it in its environment.
+    """
+    if not trace_dir:
+        return
+    line = json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **fields}, default=str)
+    try:
+        with open(os.path.join(trace_dir, f"{socket.gethostname()}-{os.getpid()}.jsonl"), "a") as f:
+            f.write(line + "\n")
+    except OSError:  # a trace must never fail the pipeline
+        pass
+
+
+def _worker_times() -> dict:
+    """When this process started and imported this module: worker spawn vs imports vs our own code."""
+    return {"proc_start": _process_start(), "module_import_start": _IMPORT_T0, "module_import_end": _IMPORT_T1}
+
+
+def _process_start() -> float | None:
+    """This process's start in epoch seconds (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 # ----------------------------------------------------------------------------- Ray stages
 
-def plan_rows(row: dict, tiling: dict, tissue: dict, tiles_per_chunk: int) -> list[dict]:
+def plan_rows(row: dict, tiling: dict, tissue: dict, tiles_per_chunk: int,
+              trace_dir: str | None = None) -> list[dict]:
     """Ray Data stage: one slide -> its tile chunks, or one error row when it cannot be planned.
 
     Every chunk carries the slide's n_tiles and grid shape, so the driver can count tiles as they come
@@ -62,13 +128,18 @@ def plan_rows(row: dict, tiling: dict, tissue: dict, tiles_per_chunk: int) -> li
 
     job = SlideJob(str(row["slide_id"]), str(row["case_id"]), str(row["path"]),
                    None if row["mpp"] is None or np.isnan(row["mpp"]) else float(row["mpp"]), int(row["line"]))
+    _trace(trace_dir, "read_task_start", slide_id=job.slide_id, **_worker_times())
+    t0 = time.perf_counter()
     try:
         plan = plan_slide(job, tiling, tissue)
     except SlideError as exc:
+        _trace(trace_dir, "plan_done", slide_id=job.slide_id, seconds=time.perf_counter() - t0, error=True)
         return [_plan_error(job, str(exc))]
     except Exception as exc:  # an unreadable file can raise anything from deep inside a decoder
+        _trace(trace_dir, "plan_done", slide_id=job.slide_id, seconds=time.perf_counter() - t0, error=True)
         return [_plan_error(job, f"slide {job.slide_id}: cannot read {job.path} "
                                  f"({type(exc).__name__}: {' '.join(str(exc).split())})")]
+    _trace(trace_dir, "plan_done", slide_id=job.slide_id, seconds=time.perf_counter() - t0, n_tiles=plan.n_tiles)
     chunks = tile_chunks(plan, tiles_per_chunk)
     h, w = plan.lattice.shape
     for k, chunk in enumerate(chunks):
@@ -81,7 +152,7 @@ def _plan_error(job: SlideJob, error: str) -> dict:
             "n_tiles": 0, "H": 0, "W": 0, "error": error, "plan": b""}
 
 
-def read_tiles_batch(batch: dict, input_px: int) -> dict:
+def read_tiles_batch(batch: dict, input_px: int, trace_dir: str | None = None) -> dict:
     """Ray Data stage: chunks of cells -> decoded tiles (N, input_px, input_px, 3) uint8.
 
     A corrupt tile fails its whole chunk: every row carries the error and a blank tile, and the driver
@@ -100,12 +171,16 @@ def read_tiles_batch(batch: dict, input_px: int) -> dict:
             t = np.zeros((1, input_px, input_px, 3), np.uint8)
         else:
             xy = np.frombuffer(batch["xy"][k], np.int64).reshape(-1, 2)
+            t0 = time.perf_counter()
             try:
                 t = read_tiles(str(batch["path"][k]), int(batch["level"][k]), xy[:, 0], xy[:, 1],
                                int(batch["read_px"][k]), input_px)
             except Exception as exc:  # the slide fails, the pipeline goes on
                 t = np.zeros((len(cells), input_px, input_px, 3), np.uint8)
                 err = f"slide {sid}: " + " ".join(str(exc).split())
+            if len(batch["plan"][k]):  # only a slide's first chunk carries the plan
+                _trace(trace_dir, "first_chunk_read", slide_id=sid, tiles=len(cells),
+                       seconds=time.perf_counter() - t0, error=bool(err))
         n = len(cells)
         cols["slide_id"] += [sid] * n
         cols["i"].append(cells[:, 0])
@@ -120,13 +195,14 @@ def read_tiles_batch(batch: dict, input_px: int) -> dict:
     return out
 
 
-def plan_and_read_slides(batch: dict, tiling: dict, tissue: dict, tiles_per_chunk: int, input_px: int):
+def plan_and_read_slides(batch: dict, tiling: dict, tissue: dict, tiles_per_chunk: int, input_px: int,
+                         trace_dir: str | None = None):
     """Ray Data stage (one task per slide, `split_slides: false`): plan the slide, then yield its decoded
     tile chunks one by one, so they stream to the encoder while the rest of the slide is read."""
     for k in range(len(batch["slide_id"])):
         row = {key: batch[key][k] for key in batch}
-        for chunk in plan_rows(row, tiling, tissue, tiles_per_chunk):
-            yield read_tiles_batch({key: [value] for key, value in chunk.items()}, input_px)
+        for chunk in plan_rows(row, tiling, tissue, tiles_per_chunk, trace_dir):
+            yield read_tiles_batch({key: [value] for key, value in chunk.items()}, input_px, trace_dir)
 
 
 PASS_THROUGH = ("slide_id", "i", "j", "error", "plan", "n_tiles", "H", "W")
@@ -135,20 +211,45 @@ PASS_THROUGH = ("slide_id", "i", "j", "error", "plan", "n_tiles", "H", "W")
 class TileEmbedder:
     """Ray Data actor: decoded tiles -> float16 features. One encoder per actor, built once."""
 
-    def __init__(self, encoder: dict, threads: int = 1):
+    def __init__(self, encoder: dict, threads: int = 1, trace_dir: str | None = None):
+        self.trace_dir, self.calls = trace_dir, 0
+        _trace(trace_dir, "actor_init_start", **_worker_times())
         import torch
 
         from gigamamba.features.encoders import create_encoder
 
+        _trace(trace_dir, "actor_imports_done")
+        if trace_dir and torch.cuda.is_available():  # CUDA context creation, apart from building the model
+            torch.empty(1, device="cuda")
+            torch.cuda.synchronize()
+            _trace(trace_dir, "actor_cuda_ready")
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(threads)))
         self.encoder = create_encoder(encoder["name"], encoder["weights"], int(encoder["input_px"]))
+        _trace(trace_dir, "actor_model_ready", device=str(self.encoder.device))
+
+    TRACED_CALLS = 16  # enough to see how many calls go by before the driver gets its first batch
 
     def __call__(self, batch: dict) -> dict:
+        first = self.trace_dir is not None and self.calls == 0
+        traced = self.trace_dir is not None and self.calls < self.TRACED_CALLS
+        self.calls += 1
+        t0 = time.perf_counter()
+        if first:
+            _trace(self.trace_dir, "actor_first_call_start", batch=len(batch["error"]))
         ok = np.array([e == "" for e in batch["error"]], bool)
         feats = np.zeros((len(ok), self.encoder.dim), np.float16)
         if ok.any():
             feats[ok] = self.encoder.embed(batch["tile"][ok]).astype(np.float16)
+        if first:
+            if self.encoder.device.type == "cuda":  # only here: a sync per batch would cost throughput
+                import torch
+
+                torch.cuda.synchronize()
+            _trace(self.trace_dir, "actor_first_call_done", batch=len(ok), embedded=int(ok.sum()))
+        if traced:
+            _trace(self.trace_dir, "actor_call_done", call=self.calls, batch=len(ok),
+                   seconds=time.perf_counter() - t0)
         out = {k: batch[k] for k in PASS_THROUGH}
         out["features"] = feats
         return out
@@ -276,7 +377,7 @@ def encoder_spec(spec: dict) -> dict:
 
 
 def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, tiling: dict, tissue: dict,
-                   read_args: dict):
+                   read_args: dict, trace_dir: str | None = None):
     """slides -> (plan, read) -> encoder actors, as a lazy Ray Data dataset (see the module docstring)."""
     ds = ray.data.from_items(slides, override_num_blocks=len(slides))
     if ingest["split_slides"]:
@@ -285,19 +386,20 @@ def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, 
             # keeps the two stages apart and a slide's chunks are read by many tasks, not by its planner.
             ds.flat_map(plan_rows, num_cpus=1, memory=_PLAN_MEMORY,
                         fn_kwargs={"tiling": tiling, "tissue": tissue,
-                                   "tiles_per_chunk": int(ingest["tiles_per_task"])})
+                                   "tiles_per_chunk": int(ingest["tiles_per_task"]), "trace_dir": trace_dir})
             .repartition(target_num_rows_per_block=1)
             .map_batches(read_tiles_batch, batch_size=1, batch_format="numpy",
-                         fn_kwargs={"input_px": int(enc["input_px"])}, **read_args)
+                         fn_kwargs={"input_px": int(enc["input_px"]), "trace_dir": trace_dir}, **read_args)
         )
     else:
         ds = ds.map_batches(plan_and_read_slides, batch_size=1, batch_format="numpy",
                             fn_kwargs={"tiling": tiling, "tissue": tissue, "input_px": int(enc["input_px"]),
-                                       "tiles_per_chunk": int(ingest["tiles_per_task"])}, **read_args)
+                                       "tiles_per_chunk": int(ingest["tiles_per_task"]), "trace_dir": trace_dir},
+                            **read_args)
     ds = ds.map_batches(TileEmbedder, batch_size=int(enc["batch_size"]), batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=res["size"]),
                         num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
-                        fn_constructor_kwargs={"encoder": enc, "threads": res["threads"]})
+                        fn_constructor_kwargs={"encoder": enc, "threads": res["threads"], "trace_dir": trace_dir})
     return ds
 
 
@@ -319,6 +421,10 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     from gigamamba.features.encoders import create_encoder
 
     started = time.perf_counter()
+    trace_dir = trace_dir_from_env()
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+    _trace(trace_dir, "embed_start")
     cohort = spec["cohort"]
     tiling = {k: spec["tiling"][k] for k in ("patch_px", "target_mpp", "tissue_threshold")}
     enc = encoder_spec(spec)
@@ -326,6 +432,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     jobs, rejected = read_slide_jobs(cohort["csv"], cohort.get("slide_dir"))
 
     ray = _ensure_ray(spec.get("ray") or {})
+    _trace(trace_dir, "ray_ready")
     check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
     store = GridStore(spec["store"], mode="a")
     if not overwrite:
@@ -339,6 +446,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     probe = create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="cpu")
     info = probe.info()
     del probe
+    _trace(trace_dir, "encoder_probe_done")
     store.initialise(encoder=info, tiling=tiling, overwrite=overwrite)
     actions = {sid: "kept" for sid in kept}
     for row in rejected:
@@ -360,6 +468,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         sid = row["slide_id"]
         rows.append(row)
         actions[sid] = "embedded" if row["status"] == "complete" else "failed"
+        if row["status"] == "complete" and not tracker.complete:
+            _trace(trace_dir, "first_slide_complete", slide_id=sid)
         tracker.complete += row["status"] == "complete"
         tracker.failed += row["status"] != "complete"
         store.update_manifest([row])
@@ -387,12 +497,17 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         chunk_bytes = int(ingest["tiles_per_task"]) * int(enc["input_px"]) ** 2 * 3
         context.target_max_block_size = max(1 << 20, chunk_bytes * 3 // 2)
         try:
-            ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args)
+            ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args, trace_dir)
         finally:
             context.target_max_block_size = default_block
+        _trace(trace_dir, "dataset_built", actors=res["size"])
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for n_batch, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
+            if n_batch == 0:
+                _trace(trace_dir, "first_batch", rows=len(batch["slide_id"]))
+            if n_batch < 16:  # the cadence of the first batches back, next to the actor's calls
+                _trace(trace_dir, "driver_batch", batch=n_batch + 1, rows=len(batch["slide_id"]))
             sids = batch["slide_id"].astype(str)
             for sid in np.unique(sids):
                 sel = sids == sid
@@ -425,6 +540,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     out = manifest[manifest["slide_id"].isin(ids)].copy()
     out["action"] = out["slide_id"].map(actions).fillna("kept")
     out = out.reset_index(drop=True)
+    _trace(trace_dir, "embed_end", tiles=tracker.tiles)
     streaming = (tracker.last_tile - tracker.first_tile) if tracker.first_tile else 0.0
     # Throughput for benchmarks: the whole call, and the steady state from first to last tile back.
     out.attrs["throughput"] = {"tiles": tracker.tiles, "seconds": time.perf_counter() - started,

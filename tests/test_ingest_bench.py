@@ -1,0 +1,44 @@
+"""`gigamamba bench ingest` on a tiny CPU cohort: the results carry a start-up breakdown that adds up."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, capsys):
+    from gigamamba.ingest import bench
+    from gigamamba.ingest.pipeline import TRACE_ENV
+
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    out = tmp_path / "r.json"
+    args = parser.parse_args(["--workdir", str(tmp_path / "w"), "--out", str(out), "--slides", "2",
+                              "--size-px", "1536", "--patch-px", "128", "--encoder", "test_resnet",
+                              "--input-px", "32", "--tiles-per-task", "8",
+                              "--skip", "decode", "--skip", "encoder", "--skip", "clam"])
+    assert bench.run(args) == 0
+    assert TRACE_ENV not in os.environ  # set for the pipeline run only
+    res = json.loads(out.read_text())
+    b = res["startup_breakdown"]
+    chains = [
+        ["dataset_built", "read_task_start", "plan_done", "first_chunk_read", "first_batch",
+         "first_slide_complete", "embed_end"],
+        ["actor_init_start", "actor_imports_done", "actor_model_ready", "actor_first_call_start",
+         "actor_first_call_done", "first_batch"],
+    ]
+    for chain in chains:
+        values = [b[k] for k in chain]
+        assert values == sorted(values), dict(zip(chain, values))
+    assert 0 <= b["dataset_built"] and b["embed_end"] <= res["end_to_end_seconds"] + 0.5
+    assert b["actors"] == 1 and b["read_processes"] >= 1
+    # the rows of the first batch back had all been embedded by then
+    assert 1 <= b["actor_calls_before_first_batch"] and b["tiles_embedded_before_first_batch"] >= b["first_batch_rows"]
+    assert b["actor_module_import_start"] <= b["actor_module_import_end"] <= b["actor_init_start"]
+    assert 0 < b["plan_seconds_median"] <= b["plan_seconds_max"] < b["embed_end"]
+    assert os.path.isdir(res["trace_dir"]) and os.listdir(res["trace_dir"])
+    text = capsys.readouterr().out
+    assert "start-up, seconds after embed_cohort started" in text and "actor_model_ready" in text
