@@ -194,8 +194,8 @@ def test_wavefront_forward_matches_three_pass(ext, shape, n_state, groups, sizes
     assert torch.equal(wave[0], again), f"wavefront forward not reproducible, seed={seed}"
 
 
-def test_three_pass_forward_still_matches_oracle(ext, monkeypatch):
-    monkeypatch.setattr(ext, "FORWARD", "passes")
+def test_passes_layout_still_matches_oracle(ext, monkeypatch):
+    monkeypatch.setattr(ext, "CARRIES", "passes")
     check(ext, (2, 6, 33, 65), 16)
 
 

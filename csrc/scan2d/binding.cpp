@@ -159,7 +159,7 @@ std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
 std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tensor Cm, c10::optional<Tensor> Dv,
                                c10::optional<Tensor> z, c10::optional<Tensor> dbias, bool softplus,
                                c10::optional<Tensor> sizes, Tensor dout, c10::optional<Tensor> rowc_saved,
-                               c10::optional<Tensor> colc_saved, int64_t target_blocks) {
+                               c10::optional<Tensor> colc_saved, int64_t target_blocks, bool wavefront) {
   Params p = make_params(u, delta, A, Bm, Cm, Dv, z, dbias, softplus, sizes);
   check_like(dout, u, "dout");
   c10::cuda::CUDAGuard guard(u.device());
@@ -188,20 +188,36 @@ std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
 
-  Tensor rrowc = torch::empty({BD, p.N, p.TC, p.H}, f32), rrows = torch::empty({BD, p.TC, p.H}, f32);
-  Tensor rcolc = torch::empty({BD, p.N, p.TR, p.W}, f32), rcols = torch::empty({BD, p.TR, p.W}, f32);
-  p.rrowc = rrowc.data_ptr<float>();
-  p.rrows = rrows.data_ptr<float>();
-  p.rcolc = rcolc.data_ptr<float>();
-  p.rcols = rcols.data_ptr<float>();
-  scan2d::launch_bwd_agg(p, 0, dt, st);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scan2d::launch_carry_scan(p.rcolc, p.rcols, p.A, BD, p.N, p.D, p.TR, p.W, true, st);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scan2d::launch_bwd_agg(p, 1, dt, st);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scan2d::launch_carry_scan(p.rrowc, p.rrows, p.A, BD, p.N, p.D, p.TC, p.H, true, st);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Reverse (adjoint) carries: handed between tiles inside bwd_final (wavefront), or found beforehand by
+  // two aggregate passes and short reverse scans (the reference layout).
+  Tensor rrowc, rcolc, rrows, rcols, flags;
+  if (wavefront) {
+    auto i32 = u.options().dtype(at::kInt);
+    const int64_t pending = (int64_t)scan2d::CARRY_PENDING;
+    rrowc = torch::full({BD, p.N, p.TC, p.H}, pending, i32).view(at::kFloat);
+    rcolc = torch::full({BD, p.N, p.TR, p.W}, pending, i32).view(at::kFloat);
+    flags = torch::zeros({1}, i32);
+    p.flags = flags.data_ptr<int>();
+    p.rrowc = rrowc.data_ptr<float>();
+    p.rcolc = rcolc.data_ptr<float>();
+  } else {
+    rrowc = torch::empty({BD, p.N, p.TC, p.H}, f32);
+    rrows = torch::empty({BD, p.TC, p.H}, f32);
+    rcolc = torch::empty({BD, p.N, p.TR, p.W}, f32);
+    rcols = torch::empty({BD, p.TR, p.W}, f32);
+    p.rrowc = rrowc.data_ptr<float>();
+    p.rrows = rrows.data_ptr<float>();
+    p.rcolc = rcolc.data_ptr<float>();
+    p.rcols = rcols.data_ptr<float>();
+    scan2d::launch_bwd_agg(p, 0, dt, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scan2d::launch_carry_scan(p.rcolc, p.rcols, p.A, BD, p.N, p.D, p.TR, p.W, true, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scan2d::launch_bwd_agg(p, 1, dt, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scan2d::launch_carry_scan(p.rrowc, p.rrows, p.A, BD, p.N, p.D, p.TC, p.H, true, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
   // Channel chunks for the dB/dC partials: enough blocks to fill the GPU, few partials to sum.
   int64_t ntiles = (int64_t)p.TR * p.TC;
@@ -219,7 +235,7 @@ std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   p.dAp = dAp.data_ptr<float>();
   p.dDp = dDp.data_ptr<float>();
   p.dbp = dbp.data_ptr<float>();
-  scan2d::launch_bwd_final(p, dt, st);
+  scan2d::launch_bwd_final(p, dt, wavefront, st);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (z.has_value()) {  // dz needs y; recomputing it here keeps bwd_final's registers for the adjoint
     scan2d::launch_fwd_tiles(p, 3, dt, st);

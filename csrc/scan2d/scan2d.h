@@ -145,7 +145,7 @@ void launch_fwd_tiles(const Params& p, int mode, int dtype, cudaStream_t st);
 void launch_carry_scan(float* loc, const float* S, const float* A, int BD, int N, int D, int T, int lines,
                        bool reverse, cudaStream_t st);
 void launch_bwd_agg(const Params& p, int mode, int dtype, cudaStream_t st);
-void launch_bwd_final(const Params& p, int dtype, cudaStream_t st);
+void launch_bwd_final(const Params& p, int dtype, bool wave, cudaStream_t st);
 void launch_reduce(const Params& p, float* dA, float* dD, float* ddb, float* dB, float* dC, cudaStream_t st);
 
 }  // namespace scan2d

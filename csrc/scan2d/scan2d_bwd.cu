@@ -152,7 +152,10 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
 // from the reverse carries, and form every gradient. dB/dC are summed over the block's channels in a
 // fixed order into the partial of its channel chunk k (no atomics); dA/dD/ddelta_bias go to per-tile
 // partials. A block = (b, tile, group, chunk k), its warps walk the chunk in rounds of WPB channels.
-template <typename T>
+// WAVE: the reverse carries are not precomputed (no bwd_agg passes, no carry scans). Blocks take tiles in
+// reverse raster order from a counter, and per (round, state) a warp waits for a*g from the tile below and
+// a*q from the tile to the right, and hands its own on upwards and leftwards, as the wavefront forward does.
+template <typename T, bool WAVE>
 __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
   extern __shared__ float sm[];
   float* Bbuf = sm;             // two B tiles: state n computes while n+1 loads
@@ -168,10 +171,17 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
   float* Tw = Tv + TILE;   // g * h[i-1, j]
 
   const int ntiles = p.TR * p.TC;
-  const int k = blockIdx.x % p.K;
-  const int g = (blockIdx.x / p.K) % p.G;
-  const int tile = (blockIdx.x / p.K / p.G) % ntiles;
-  const int b = blockIdx.x / p.K / p.G / ntiles;
+  int vb = blockIdx.x;
+  if (WAVE) {  // dynamic block order: the tiles below and to the right are handed out first
+    __shared__ int s_vb;
+    if (threadIdx.x == 0) s_vb = atomicAdd(p.flags, 1);
+    __syncthreads();
+    vb = s_vb;
+  }
+  const int k = vb % p.K;
+  const int g = (vb / p.K) % p.G;
+  const int tile = WAVE ? ntiles - 1 - (vb / p.K / p.G) % ntiles : (vb / p.K / p.G) % ntiles;
+  const int b = vb / p.K / p.G / ntiles;
   const int s = tile / p.TC, t = tile % p.TC;
   const int i0 = s * TS, j0 = t * TS;
   const int H = p.H, W = p.W, N = p.N;
@@ -223,8 +233,8 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       nA = valid ? p.A[d * N + n] : 0.f;
       nhh = row_ok ? p.rowc[rbase + (int64_t)n * p.TC * H] : 0.f;
       nh = col_ok ? p.colc[cbase + (int64_t)n * p.TR * W] : 0.f;
-      ng = col_ok ? p.rcolc[cbase + (int64_t)n * p.TR * W] : 0.f;
-      nq = row_ok ? p.rrowc[rbase + (int64_t)n * p.TC * H] : 0.f;
+      ng = col_ok && !WAVE ? p.rcolc[cbase + (int64_t)n * p.TR * W] : 0.f;
+      nq = row_ok && !WAVE ? p.rrowc[rbase + (int64_t)n * p.TC * H] : 0.f;
     };
     issue(0);
     load_next(0);
@@ -312,6 +322,8 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       }
       __syncthreads();
       if (valid) {
+        const int64_t rn = rbase + (int64_t)n * p.TC * H, cn = cbase + (int64_t)n * p.TR * W;
+        if (WAVE && s + 1 < p.TR && col_ok) gcar = wait_carry(p.rcolc + cn);  // from the tile below
         // adjoint, vertical (lane = column, bottom -> top); g overwrites h, which row r+1 has used
 #pragma unroll
         for (int rc = TS - CH; rc >= 0; rc -= CH) {
@@ -332,6 +344,8 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
             gcar = av[m] * gv;
           }
         }
+        if (WAVE && s > 0 && col_ok) put_carry(p.rcolc + cn - W, gcar);  // into the tile above
+        if (WAVE && t + 1 < p.TC && row_ok) qc = wait_carry(p.rrowc + rn);  // from the tile to the right
         __syncwarp();
         // adjoint, horizontal (lane = row, right -> left); q*delta*u overwrites hh, which column j+1 has used
         float dA_acc = 0.f;
@@ -360,6 +374,7 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
             qc = av[m] * q;
           }
         }
+        if (WAVE && t > 0 && row_ok) put_carry(p.rrowc + rn - H, qc);  // into the tile to the left
         dA_acc = warp_sum(dA_acc);
         if (lane == 0) p.dAp[((int64_t)(b * ntiles + tile) * p.D + d) * N + n] = dA_acc;
       }
@@ -463,19 +478,25 @@ void launch_bwd_agg(const Params& p, int mode, int dtype, cudaStream_t st) {
   }
 }
 
-template <typename T>
+template <typename T, bool WAVE>
 static void launch_final_t(const Params& p, cudaStream_t st) {
   size_t smem = ((4 + 5 * WPB) * TILE + 2 * TS * TS) * sizeof(float);
-  auto kern = bwd_final_kernel<T>;
+  auto kern = bwd_final_kernel<T, WAVE>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   int64_t blocks = (int64_t)p.Bsz * p.TR * p.TC * p.G * p.K;
   kern<<<(unsigned)blocks, WPB * 32, smem, st>>>(p);
 }
 
-void launch_bwd_final(const Params& p, int dtype, cudaStream_t st) {
-  if (dtype == 0) launch_final_t<float>(p, st);
-  else if (dtype == 1) launch_final_t<__half>(p, st);
-  else launch_final_t<__nv_bfloat16>(p, st);
+void launch_bwd_final(const Params& p, int dtype, bool wave, cudaStream_t st) {
+  if (wave) {
+    if (dtype == 0) launch_final_t<float, true>(p, st);
+    else if (dtype == 1) launch_final_t<__half, true>(p, st);
+    else launch_final_t<__nv_bfloat16, true>(p, st);
+  } else {
+    if (dtype == 0) launch_final_t<float, false>(p, st);
+    else if (dtype == 1) launch_final_t<__half, false>(p, st);
+    else launch_final_t<__nv_bfloat16, false>(p, st);
+  }
 }
 
 void launch_reduce(const Params& p, float* dA, float* dD, float* ddb, float* dB, float* dC, cudaStream_t st) {

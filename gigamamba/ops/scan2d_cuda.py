@@ -119,9 +119,10 @@ def available() -> bool:
         return False
 
 
-# "wavefront": one pass, tiles handing carries to their right and lower neighbours (csrc/scan2d/NOTES.md, v8).
-# "passes": the three-pass layout it replaced, kept as the reference it is tested against.
-FORWARD = os.environ.get("GIGAMAMBA_SCAN2D_FORWARD", "wavefront")
+# "wavefront": tiles hand carries to their neighbours inside one pass: the forward (right and down) and the
+# backward's final pass (up and left) (csrc/scan2d/NOTES.md, v8). "passes": the layout with aggregate passes and
+# short carry scans that it replaced, kept as the reference it is tested against.
+CARRIES = os.environ.get("GIGAMAMBA_SCAN2D_CARRIES", "wavefront")
 
 
 def _keep_mask(u, n_state) -> int:
@@ -161,7 +162,7 @@ class Scan2dFn(torch.autograd.Function):
         ext = _load()
         uu, dd, AA, B5, C5, DD, zz, db, sz = _prepare(u, delta, A, B, C, D, z, delta_bias, sizes)
         out, rowc, colc = ext.fwd(uu, dd, AA, B5, C5, DD, zz, db, bool(delta_softplus), sz, _keep_mask(uu, AA.shape[1]),
-                                  FORWARD != "passes")
+                                  CARRIES != "passes")
         ctx.delta_softplus = bool(delta_softplus)
         ctx.meta = (u.dtype, delta.dtype, B.dim(), B.dtype, C.dtype, z.dtype if z is not None else None)
         ctx.has = (D is not None, z is not None, delta_bias is not None)
@@ -174,7 +175,8 @@ class Scan2dFn(torch.autograd.Function):
         ext = _load()
         target = _TARGET_BLOCKS_PER_SM * torch.cuda.get_device_properties(uu.device).multi_processor_count
         du, ddelta, dA, dB, dC, dD, dz, ddb = ext.bwd(
-            uu, dd, AA, B5, C5, DD, zz, db, ctx.delta_softplus, sz, dout.to(uu.dtype).contiguous(), rowc, colc, target
+            uu, dd, AA, B5, C5, DD, zz, db, ctx.delta_softplus, sz, dout.to(uu.dtype).contiguous(), rowc, colc, target,
+            CARRIES != "passes",
         )
         u_dtype, delta_dtype, b_dim, b_dtype, c_dtype, z_dtype = ctx.meta
         has_D, has_z, has_bias = ctx.has
