@@ -55,3 +55,19 @@ def test_bad_names_and_weights_fail_clearly(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(EncoderError, match="lacks"):
         create_encoder("test_resnet", weights=str(wrong), device="cpu")
+
+
+def test_meta_probe_matches_a_real_build_and_still_checks_weights(tmp_path):
+    # embed_cohort probes the encoder on the meta device before any write: same attrs, same refusals
+    real = create_encoder("resnet18", "random", 64, device="cpu")
+    probe = create_encoder("resnet18", "random", 64, device="meta")
+    assert probe.info() == real.info()
+    assert all(p.is_meta for p in probe.model.parameters())
+    path = tmp_path / "w.pt"
+    torch.save(real.model.state_dict(), path)
+    assert create_encoder("resnet18", str(path), 64, device="meta").info() == \
+        create_encoder("resnet18", str(path), 64, device="cpu").info()
+    bad = tmp_path / "bad.pt"
+    torch.save({k: v for k, v in list(real.model.state_dict().items())[3:]}, bad)
+    with pytest.raises(EncoderError, match="lacks"):
+        create_encoder("resnet18", str(bad), 64, device="meta")

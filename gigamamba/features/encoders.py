@@ -142,11 +142,22 @@ class Encoder:
 
 def create_encoder(name: str = "resnet50-trunc", weights: str = "imagenet", input_px: int = 224,
                    device: str | None = None) -> Encoder:
-    """Build an encoder by registry or timm name; `weights` is "imagenet", "random" or a file path."""
+    """Build an encoder by registry or timm name; `weights` is "imagenet", "random" or a file path.
+
+    device="meta" builds only the shapes (no weight init, no arithmetic): enough for info() and to check a
+    name or a weights file's keys in a fraction of a second. Pretrained weights are still fetched.
+    """
+    import contextlib
+
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    builder = _REGISTRY.get(name) or (lambda pretrained: _timm_model(name, pretrained))
+    base = _REGISTRY.get(name) or (lambda pretrained: _timm_model(name, pretrained))
+
+    def builder(pretrained: bool):
+        with torch.device("meta") if device == "meta" and not pretrained else contextlib.nullcontext():
+            return base(pretrained)
+
     sha = None
     if weights == "random":
         torch.manual_seed(RANDOM_SEED)
@@ -166,7 +177,8 @@ def create_encoder(name: str = "resnet50-trunc", weights: str = "imagenet", inpu
         torch.manual_seed(RANDOM_SEED)
         model = builder(False)
         state = _load_state(path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        # assign on meta: a probe checks the keys without copying into storage-less parameters
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=device == "meta")
         if missing:
             raise EncoderError(f"encoder {name}: weights file {path} lacks {len(missing)} parameters "
                                f"(first: {missing[0]}); is it for this architecture?")
