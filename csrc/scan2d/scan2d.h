@@ -129,6 +129,18 @@ __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* d
 __device__ __forceinline__ void put_carry(float* dst, float v) {
   asm volatile("st.relaxed.gpu.global.f32 [%0], %1;" ::"l"(dst), "f"(v) : "memory");
 }
+// Issue the load of a carry early and look at it later (settle_carry): the L2 round trip then overlaps the
+// work in between instead of stalling the warp at the hand-over. Each element is written once, so an early
+// read is either the pending pattern (then settle_carry polls) or the final value.
+__device__ __forceinline__ unsigned peek_carry(const float* src) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(src));
+  return v;
+}
+__device__ __forceinline__ float wait_carry(const float* src);
+__device__ __forceinline__ float settle_carry(const float* src, unsigned early) {
+  return early != CARRY_PENDING ? __uint_as_float(early) : wait_carry(src);
+}
 __device__ __forceinline__ float wait_carry(const float* src) {
   unsigned v;
   for (;;) {

@@ -245,6 +245,7 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       const float An = nA, A2 = An * LOG2E;
       const float hh_in = nhh, h_in = nh;
       float gcar = ng, qc = nq;
+      const int64_t rn = rbase + (int64_t)n * p.TC * H, cn = cbase + (int64_t)n * p.TR * W;
       // this round's partials so far (the block wrote them in earlier rounds; zeros in round 0), copied
       // asynchronously into shared memory; each thread reads back only the cells it copied itself
       float* dCn = p.dCp + pbase + (int64_t)n * HW;
@@ -322,7 +323,6 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       }
       __syncthreads();
       if (valid) {
-        const int64_t rn = rbase + (int64_t)n * p.TC * H, cn = cbase + (int64_t)n * p.TR * W;
         if (WAVE && s + 1 < p.TR && col_ok) gcar = wait_carry(p.rcolc + cn);  // from the tile below
         // adjoint, vertical (lane = column, bottom -> top); g overwrites h, which row r+1 has used
 #pragma unroll

@@ -128,6 +128,8 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
     cp_async_commit();  // possibly empty: keeps one group per state
   };
   for (int k = 0; k < NBUF - 1; ++k) issue(k);
+  // wavefront: the row carry of the next state is read one state early (settled at its use)
+  unsigned rpk = WAVE && valid && t > 0 && row_ok ? peek_carry(p.rowc + rbase) : 0u;
   for (int n = 0; n < N; ++n) {
     __syncthreads();  // everyone is done with the slot of state n-1, which state n+NBUF-1 reuses
     issue(n + NBUF - 1);
@@ -141,12 +143,17 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
     const float A2 = sc[64] * LOG2E;
     float hh = MODE != 0 && !WAVE ? sc[lane] : 0.f, h = MODE >= 2 && !WAVE ? sc[32 + lane] : 0.f;
     const int64_t rn = rbase + (int64_t)n * p.TC * H, cn = cbase + (int64_t)n * p.TR * W;
+    unsigned cpk = 0u;
     if (WAVE) {
       if (t > 0) {
-        if (row_ok) hh = wait_carry(p.rowc + rn);  // from the left neighbour
+        if (row_ok) {
+          hh = settle_carry(p.rowc + rn, rpk);  // from the left neighbour
+          if (n + 1 < N) rpk = peek_carry(p.rowc + rn + (int64_t)p.TC * H);
+        }
       } else if (row_ok) {
         p.rowc[rn] = 0.f;  // nothing enters the first tile column; kept for backward like the others
       }
+      if (s > 0 && col_ok) cpk = peek_carry(p.colc + cn);  // used after the row pass
     }
     // horizontal: lane = row
     // B is read 8 columns ahead of the stores: the loads need not wait behind stores that might alias
@@ -173,7 +180,7 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
     if (WAVE) {
       if (t + 1 < p.TC && row_ok) put_carry(p.rowc + rn + H, hh);  // into the tile to the right
       if (s > 0) {
-        if (col_ok) h = wait_carry(p.colc + cn);  // from the upper neighbour
+        if (col_ok) h = settle_carry(p.colc + cn, cpk);  // from the upper neighbour
       } else if (col_ok) {
         p.colc[cn] = 0.f;
       }
