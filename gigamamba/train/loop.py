@@ -272,7 +272,7 @@ def train_fold(config: dict) -> None:
             n += len(feats)
         train_loss = total / max(1, n)
         if world > 1 and torch.distributed.is_initialized():
-            t = torch.tensor([total, float(n)], dtype=torch.float64)
+            t = torch.tensor([total, float(n)], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
             torch.distributed.all_reduce(t)
             train_loss = float(t[0] / max(1.0, float(t[1])))
 
