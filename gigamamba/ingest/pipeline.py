@@ -126,8 +126,7 @@ def plan_rows(row: dict, tiling: dict, tissue: dict, tiles_per_chunk: int,
     """
     import pickle
 
-    job = SlideJob(str(row["slide_id"]), str(row["case_id"]), str(row["path"]),
-                   None if row["mpp"] is None or np.isnan(row["mpp"]) else float(row["mpp"]), int(row["line"]))
+    job = SlideJob.from_row(row)
     _trace(trace_dir, "read_task_start", slide_id=job.slide_id, **_worker_times())
     t0 = time.perf_counter()
     try:
@@ -293,8 +292,9 @@ class _Assembly:
 
 
 class _Progress:
-    def __init__(self, enabled: bool, n_slides: int, n_tiles: int):
-        self.enabled, self.n_slides, self.n_tiles = enabled, n_slides, n_tiles
+    def __init__(self, enabled: bool, n_slides: int):
+        # n_tiles grows as slides are planned inside the pipeline: the total is not known up front
+        self.enabled, self.n_slides, self.n_tiles = enabled, n_slides, 0
         self.tiles = self.complete = self.failed = self.planned = 0
         self.t0 = self.last = time.perf_counter()
         self.first_tile: float | None = None
@@ -463,7 +463,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         print(f"[embed {time.perf_counter() - started:5.1f}s] {len(todo)} slide(s) to embed, {len(kept)} already complete, {len(rejected)} rejected; "
               f"encoder {info['name']} ({info['dim']}-d, weights {info['weights']})", file=sys.stderr, flush=True)
 
-    tracker = _Progress(progress, len(todo), 0)
+    tracker = _Progress(progress, len(todo))
     tracker.t0 = started
 
     def record(row: dict) -> None:
@@ -480,8 +480,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
             on_slide(row)
 
     if todo:
-        slides = [{"slide_id": j.slide_id, "case_id": j.case_id, "path": j.path,
-                   "mpp": float("nan") if j.mpp is None else float(j.mpp), "line": j.line} for j in todo]
+        slides = [j.to_row() for j in todo]
         # Largest files first: with one task per slide, a big slide started last would run on alone.
         slides.sort(key=lambda row: -_file_size(row["path"]))
         res = _embed_resources(ray, ingest)

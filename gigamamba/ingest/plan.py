@@ -9,6 +9,7 @@ and runs as one Ray task per slide.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,18 @@ class SlideJob:
     path: str
     mpp: float | None
     line: int  # CSV line, header = 1
+
+    def to_row(self) -> dict:
+        """One Ray Data row. A missing MPP travels as NaN, so the column stays float in Arrow."""
+        row = dataclasses.asdict(self)
+        row["mpp"] = float("nan") if self.mpp is None else float(self.mpp)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> "SlideJob":
+        mpp = row["mpp"]
+        mpp = None if mpp is None or np.isnan(mpp) else float(mpp)
+        return cls(str(row["slide_id"]), str(row["case_id"]), str(row["path"]), mpp, int(row["line"]))
 
 
 @dataclass
