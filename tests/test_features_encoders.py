@@ -71,3 +71,12 @@ def test_meta_probe_matches_a_real_build_and_still_checks_weights(tmp_path):
     torch.save({k: v for k, v in list(real.model.state_dict().items())[3:]}, bad)
     with pytest.raises(EncoderError, match="lacks"):
         create_encoder("resnet18", str(bad), 64, device="meta")
+
+
+def test_meta_probe_accepts_half_precision_weight_files(tmp_path):
+    # pathology encoders often ship in fp16; a layer with a bias must not see fp32 input beside fp16 weights
+    real = create_encoder("test_vit", "random", 64, device="cpu")
+    path = tmp_path / "half.pt"
+    torch.save({k: v.half() for k, v in real.model.state_dict().items()}, path)
+    assert create_encoder("test_vit", str(path), 64, device="meta").info() == \
+        create_encoder("test_vit", str(path), 64, device="cpu").info()

@@ -166,3 +166,13 @@ def test_bad_shapes_give_one_clear_error():
     x["B"] = x["B"][..., :3]
     with pytest.raises(ValueError, match="B must be"):
         scan2d(**x)
+
+
+def test_unknown_carry_layout_is_refused(monkeypatch):
+    from gigamamba.ops import scan2d_cuda
+
+    monkeypatch.setattr(scan2d_cuda, "CARRIES", "pass")  # a typo must not silently pick a layout
+    with pytest.raises(ValueError, match="wavefront' or 'passes"):
+        scan2d_cuda._wavefront()
+    monkeypatch.setattr(scan2d_cuda, "CARRIES", "passes")
+    assert scan2d_cuda._wavefront() is False

@@ -48,6 +48,7 @@ Params make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const 
   check_f32(A, u, "A");
   TORCH_CHECK(A.dim() == 2 && A.size(0) == p.D, "scan2d: A must be (D, N)");
   p.N = A.size(1);
+  TORCH_CHECK(p.N > 0, "scan2d: A must have at least one state (N > 0)");
   check_f32(Bm, u, "B");
   check_f32(Cm, u, "C");
   TORCH_CHECK(Bm.dim() == 5 && Bm.size(0) == p.Bsz && Bm.size(2) == p.N && Bm.size(3) == p.H && Bm.size(4) == p.W,

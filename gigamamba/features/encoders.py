@@ -179,6 +179,8 @@ def create_encoder(name: str = "resnet50-trunc", weights: str = "imagenet", inpu
         state = _load_state(path)
         # assign on meta: a probe checks the keys without copying into storage-less parameters
         missing, unexpected = model.load_state_dict(state, strict=False, assign=device == "meta")
+        if device == "meta":  # assign kept the file's dtype; a CPU/GPU build copies into float32 parameters
+            model = model.float()
         if missing:
             raise EncoderError(f"encoder {name}: weights file {path} lacks {len(missing)} parameters "
                                f"(first: {missing[0]}); is it for this architecture?")

@@ -128,6 +128,12 @@ def available() -> bool:
 CARRIES = os.environ.get("GIGAMAMBA_SCAN2D_CARRIES", "wavefront")
 
 
+def _wavefront() -> bool:
+    if CARRIES not in ("wavefront", "passes"):
+        raise ValueError(f"GIGAMAMBA_SCAN2D_CARRIES (scan2d_cuda.CARRIES) must be 'wavefront' or 'passes', got {CARRIES!r}")
+    return CARRIES == "wavefront"
+
+
 def _keep_mask(u, n_state) -> int:
     """Which forward carries backward may reuse: saved tensors stay within u's bytes (column carries
     first, as they cost the longer recompute). Bit 0: row carries, bit 1: column carries."""
@@ -164,8 +170,10 @@ class Scan2dFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sizes):
         ext = _load()
         uu, dd, AA, B5, C5, DD, zz, db, sz = _prepare(u, delta, A, B, C, D, z, delta_bias, sizes)
+        wavefront = _wavefront()
         out, rowc, colc = ext.fwd(uu, dd, AA, B5, C5, DD, zz, db, bool(delta_softplus), sz, _keep_mask(uu, AA.shape[1]),
-                                  CARRIES != "passes")
+                                  wavefront)
+        ctx.wavefront = wavefront  # backward uses the forward's layout, even if CARRIES changes in between
         ctx.delta_softplus = bool(delta_softplus)
         ctx.meta = (u.dtype, delta.dtype, B.dim(), B.dtype, C.dtype, z.dtype if z is not None else None)
         ctx.has = (D is not None, z is not None, delta_bias is not None)
@@ -179,7 +187,7 @@ class Scan2dFn(torch.autograd.Function):
         target = _TARGET_BLOCKS_PER_SM * torch.cuda.get_device_properties(uu.device).multi_processor_count
         du, ddelta, dA, dB, dC, dD, dz, ddb = ext.bwd(
             uu, dd, AA, B5, C5, DD, zz, db, ctx.delta_softplus, sz, dout.to(uu.dtype).contiguous(), rowc, colc, target,
-            CARRIES != "passes",
+            ctx.wavefront,
         )
         u_dtype, delta_dtype, b_dim, b_dtype, c_dtype, z_dtype = ctx.meta
         has_D, has_z, has_bias = ctx.has
