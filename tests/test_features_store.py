@@ -96,6 +96,18 @@ def test_reconcile_lists_complete_slides_the_manifest_missed(store):
     assert store.reconcile_manifest() == []
 
 
+def test_reconcile_writes_the_manifest_when_the_first_slide_beat_it(store):
+    """A run killed between its first slide's "complete" and the first manifest write leaves no manifest file:
+    the next run's reconcile must list that slide, or the upserts of the new slides would leave it out."""
+    rng = np.random.default_rng(4)
+    store.write_slide("S1", *_slide(rng), {})
+    assert not (store.path / "_manifest.parquet").exists()
+    assert store.reconcile_manifest() == ["S1"]
+    store.update_manifest([{"slide_id": "S2", "status": "failed", "error": "x", "n_tiles": 0, "H": 0, "W": 0,
+                            "seconds": 0.0}])
+    assert store.manifest().set_index("slide_id")["status"].to_dict() == {"S1": "complete", "S2": "failed"}
+
+
 def test_channel_stats_match_numpy(store):
     rng = np.random.default_rng(2)
     kept = []

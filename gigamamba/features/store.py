@@ -241,10 +241,11 @@ class GridStore:
 
         A crash or Ctrl-C between a slide's "complete" and its manifest row leaves a complete slide
         the manifest does not list (or lists as failed); such rows are rebuilt from the slide's attrs.
+        That includes the first slide of a run killed before any manifest was written: with no file,
+        nothing is listed (manifest() would rebuild from the groups, and the next upsert would drop them).
         """
-        if not (self.path / MANIFEST).is_file():
-            return []
-        listed = self.manifest().set_index("slide_id")["status"].to_dict()
+        has_file = (self.path / MANIFEST).is_file()
+        listed = self.manifest().set_index("slide_id")["status"].to_dict() if has_file else {}
         rows = []
         for sid in self.complete_slides():
             if listed.get(sid) != COMPLETE:
