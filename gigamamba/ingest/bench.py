@@ -20,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -128,15 +129,17 @@ def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -
     return n / (time.perf_counter() - t0)
 
 
-# startup_breakdown keys -> trace event; the first occurrence over all processes counts
-_STARTUP_EVENTS = {
-    "ray_ready": "ray_ready", "encoder_probe_done": "encoder_probe_done", "dataset_built": "dataset_built",
-    "read_task_start": "read_task_start", "plan_done": "plan_done", "first_chunk_read": "first_chunk_read",
-    "actor_init_start": "actor_init_start", "actor_imports_done": "actor_imports_done",
-    "actor_cuda_ready": "actor_cuda_ready", "actor_model_ready": "actor_model_ready",
-    "actor_first_call_start": "actor_first_call_start", "actor_first_call_done": "actor_first_call_done",
-    "first_batch": "first_batch", "first_slide_complete": "first_slide_complete", "embed_end": "embed_end",
-}
+# trace events in startup_breakdown (under their own names); the first occurrence over all processes counts
+_STARTUP_EVENTS = (
+    "ray_ready", "encoder_probe_done", "dataset_built", "read_task_start", "plan_done", "first_chunk_read",
+    "actor_init_start", "actor_imports_done", "actor_cuda_ready", "actor_model_ready", "actor_first_call_start",
+    "actor_first_call_done", "first_batch", "first_slide_complete", "embed_end",
+)
+# the first actor's and read task's process start and module import: (who, its event, trace field, key suffix)
+_PROCESS_TIMES = tuple((who, event, field, key)
+                       for who, event in (("actor", "actor_init_start"), ("read", "read_task_start"))
+                       for field, key in (("proc_start", "process_start"), ("module_import_start", "module_import_start"),
+                                          ("module_import_end", "module_import_end")))
 
 
 def startup_breakdown(events: list[dict]) -> dict:
@@ -147,18 +150,16 @@ def startup_breakdown(events: list[dict]) -> dict:
         return {}
     t0 = min(start)
     out: dict = {}
-    for key, name in _STARTUP_EVENTS.items():
+    for name in _STARTUP_EVENTS:
         ts = [e["t"] for e in events if e["event"] == name]
         if ts:
-            out[key] = round(min(ts) - t0, 3)
+            out[name] = round(min(ts) - t0, 3)
     # The first actor's and read task's process start and import of the pipeline module: Ray scheduling
     # vs imports. A worker started before embed_start (Ray prestarts some) shows as a negative number.
-    for who, name in (("actor", "actor_init_start"), ("read", "read_task_start")):
+    for who, name, field, key in _PROCESS_TIMES:
         first = min((e for e in events if e["event"] == name), key=lambda e: e["t"], default=None)
-        for field, key in (("proc_start", "process_start"), ("module_import_start", "module_import_start"),
-                           ("module_import_end", "module_import_end")):
-            if first and first.get(field):
-                out[f"{who}_{key}"] = round(first[field] - t0, 3)
+        if first and first.get(field):
+            out[f"{who}_{key}"] = round(first[field] - t0, 3)
     if "first_batch" in out:  # work the actors had done before anything reached the driver
         first_batch = t0 + out["first_batch"]
         calls = [e for e in events if e["event"] == "actor_call_done" and e["t"] <= first_batch]
@@ -167,9 +168,7 @@ def startup_breakdown(events: list[dict]) -> dict:
         # actors trace only their first TRACED_CALLS calls: when one used them all up, these are lower bounds
         from gigamamba.ingest.pipeline import TileEmbedder
 
-        per_actor = {}
-        for e in calls:
-            per_actor[e["pid"]] = per_actor.get(e["pid"], 0) + 1
+        per_actor = Counter(e["pid"] for e in calls)
         out["actor_calls_lower_bound"] = any(n >= TileEmbedder.TRACED_CALLS for n in per_actor.values())
         out["first_batch_rows"] = next(e["rows"] for e in events if e["event"] == "first_batch")
     plans = [e["seconds"] for e in events if e["event"] == "plan_done" and "seconds" in e]
@@ -376,11 +375,9 @@ def _table(res: dict) -> str:
 
 def _startup_table(b: dict) -> str:
     """The start-up breakdown: one line per event in time order, then the counts."""
-    counts = ("actors", "read_processes", "first_batch_rows", "actor_calls_before_first_batch",
-              "tiles_embedded_before_first_batch")
+    times = set(_STARTUP_EVENTS) | {f"{who}_{key}" for who, _, _, key in _PROCESS_TIMES}
     lines = ["start-up, seconds after embed_cohort started:"]
-    timed = sorted(((k, v) for k, v in b.items() if k not in counts and not k.startswith("plan_seconds")),
-                   key=lambda kv: kv[1])
+    timed = sorted(((k, v) for k, v in b.items() if k in times), key=lambda kv: kv[1])
     for key, value in timed:
         lines.append(f"  {key:<34}{value:>8.2f}")
     if "plan_seconds_median" in b:
