@@ -118,6 +118,12 @@ void forward_carries(Params& p, int dt, cudaStream_t st, const Tensor& u, Tensor
   p.colc = colc.data_ptr<float>();
 }
 
+// A carry buffer for the wavefront hand-over: every element starts as the "pending" pattern, which the
+// consuming tile polls for until its neighbour has replaced it.
+Tensor pending_carries(at::IntArrayRef shape, const Tensor& u) {
+  return torch::full(shape, (int64_t)scan2d::CARRY_PENDING, u.options().dtype(at::kInt)).view(at::kFloat);
+}
+
 }  // namespace
 
 // Returns (out, row carries, column carries); keep: bit 0 keeps the row carries, bit 1 the column carries
@@ -135,14 +141,10 @@ std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   Tensor rowc, colc;
   p.out = out.data_ptr();
   if (wavefront) {
-    auto f32 = u.options().dtype(at::kFloat);
     int64_t BD = (int64_t)p.Bsz * p.D;
-    // carries start as the "pending" pattern: the kernel's hand-over polls for it to be replaced
-    auto i32 = u.options().dtype(at::kInt);
-    const int64_t pending = (int64_t)scan2d::CARRY_PENDING;
-    rowc = torch::full({BD, p.N, p.TC, p.H}, pending, i32).view(at::kFloat);
-    colc = torch::full({BD, p.N, p.TR, p.W}, pending, i32).view(at::kFloat);
-    Tensor flags = torch::zeros({1}, i32);  // the tile counter
+    rowc = pending_carries({BD, p.N, p.TC, p.H}, u);
+    colc = pending_carries({BD, p.N, p.TR, p.W}, u);
+    Tensor flags = torch::zeros({1}, u.options().dtype(at::kInt));  // the tile counter
     p.rowc = rowc.data_ptr<float>();
     p.colc = colc.data_ptr<float>();
     p.flags = flags.data_ptr<int>();
@@ -193,11 +195,9 @@ std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   // two aggregate passes and short reverse scans (the reference layout).
   Tensor rrowc, rcolc, rrows, rcols, flags;
   if (wavefront) {
-    auto i32 = u.options().dtype(at::kInt);
-    const int64_t pending = (int64_t)scan2d::CARRY_PENDING;
-    rrowc = torch::full({BD, p.N, p.TC, p.H}, pending, i32).view(at::kFloat);
-    rcolc = torch::full({BD, p.N, p.TR, p.W}, pending, i32).view(at::kFloat);
-    flags = torch::zeros({1}, i32);
+    rrowc = pending_carries({BD, p.N, p.TC, p.H}, u);
+    rcolc = pending_carries({BD, p.N, p.TR, p.W}, u);
+    flags = torch::zeros({1}, u.options().dtype(at::kInt));  // the tile counter
     p.flags = flags.data_ptr<int>();
     p.rrowc = rrowc.data_ptr<float>();
     p.rcolc = rcolc.data_ptr<float>();

@@ -46,7 +46,7 @@ struct Params {
   float *dBp, *dCp;             // partials [K][B][G][N][H][W]
   float *dAp;                   // [B*TR*TC][D][N]
   float *dDp, *dbp;             // [B*TR*TC][D]
-  int* flags;                   // wavefront forward: [0] the block counter that hands out tiles in order
+  int* flags;                   // wavefront passes: [0] the block counter that hands out tiles in order
 };
 
 #ifdef __CUDACC__  // device helpers; binding.cpp (host compiler) sees only Params and the launchers
@@ -121,7 +121,7 @@ __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* d
   }
 }
 
-// Wavefront hand-over between blocks (single-pass forward). The carry itself is the ready flag: the carry
+// Wavefront hand-over between blocks (single-pass forward, backward's final pass). The carry itself is the ready flag: the carry
 // buffers are filled with a NaN bit pattern no arithmetic produces (GPU NaNs are canonical), the producer
 // stores each carry once (a 4-byte store is single-copy atomic), and the consumer polls its own element
 // until the pattern is gone. No fence and no separate flag: v8a's fence + flag per hand-over cost ~2 us a
@@ -137,10 +137,6 @@ __device__ __forceinline__ unsigned peek_carry(const float* src) {
   asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(src));
   return v;
 }
-__device__ __forceinline__ float wait_carry(const float* src);
-__device__ __forceinline__ float settle_carry(const float* src, unsigned early) {
-  return early != CARRY_PENDING ? __uint_as_float(early) : wait_carry(src);
-}
 __device__ __forceinline__ float wait_carry(const float* src) {
   unsigned v;
   for (;;) {
@@ -148,6 +144,9 @@ __device__ __forceinline__ float wait_carry(const float* src) {
     if (v != CARRY_PENDING) return __uint_as_float(v);
     __nanosleep(32);
   }
+}
+__device__ __forceinline__ float settle_carry(const float* src, unsigned early) {
+  return early != CARRY_PENDING ? __uint_as_float(early) : wait_carry(src);
 }
 
 #endif  // __CUDACC__

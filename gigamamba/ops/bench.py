@@ -125,14 +125,14 @@ def _impl(name):
     from gigamamba.ops import scan2d_cuda
 
     if name == "cuda-passes":  # the multi-pass carry layout the wavefront replaced, for a same-run comparison
-        def three_pass(*a):
+        def passes_layout(*a):
             old, scan2d_cuda.CARRIES = scan2d_cuda.CARRIES, "passes"
             try:
                 return scan2d_cuda.scan2d_cuda(*a)
             finally:
                 scan2d_cuda.CARRIES = old
 
-        return three_pass
+        return passes_layout
     return scan2d_cuda.scan2d_cuda
 
 
