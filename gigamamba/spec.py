@@ -30,12 +30,14 @@ DEFAULTS: dict[str, Any] = {
     "ingest": {                      # gigamamba.ingest.pipeline (Ray Data)
         "tiles_per_task": 32,        # tiles per chunk: one read+decode step, one block to the encoder
         "split_slides": False,       # False: one task plans and reads a slide; True: its chunks over many tasks
-        "embed_actors": None,        # encoder actor pool size; None: one per GPU, else CPUs // 4 (at least 1)
+        "embed_actors": None,        # encoder actor pool size; None: actors_per_gpu per GPU, else CPUs // 4 (>= 1)
+        "actors_per_gpu": 1,         # encoder actors sharing a GPU (fractional num_gpus), each with its own CPU
         "cpus_per_actor": 1,         # CPU-only clusters: Ray CPUs (= torch threads) per encoder actor
         "read_cpus": 1,              # Ray CPUs per read task
         "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)
     },
-    "ray": {"address": None, "num_cpus": None, "num_gpus": None},
+    "ray": {"address": None, "num_cpus": None, "num_gpus": None,
+            "preload_modules": []},  # modules a local Ray's idle workers import before work (cluster/ray_start.py)
     "model": {"name": "mamba2d", "kwargs": {}},   # gigamamba.models.create_model(name, in_dim, n_classes, **kwargs)
     "train": {
         "epochs": 20, "lr": 2.0e-4, "weight_decay": 1.0e-2, "warmup_epochs": 0,

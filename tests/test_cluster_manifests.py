@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from gigamamba.cli import COMMANDS
+from gigamamba.cluster.ray_start import DEFAULT_PRELOAD
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -188,6 +189,10 @@ def test_slurm_script_syntax_and_entrypoint():
     assert "--address" in before
     argv = gigamamba_command(after.replace('"$SPEC"', "pipelines/demo.yaml"))
     assert_real_command(argv, "slurm entrypoint")
+    # exported before srun, so every node's `ray symmetric-run` workers preload torch and timm
+    export = re.search(r'^export RAY_preload_python_modules="\$\{RAY_preload_python_modules:-(\S+)\}"', text, re.M)
+    assert export and text.index(export.group(0)) < text.index("srun --nodes")
+    assert set(export.group(1).split(",")) == set(DEFAULT_PRELOAD)
 
 
 def test_slurm_options_exist_in_installed_ray():
@@ -245,6 +250,9 @@ def test_dockerfile_installs_the_project_and_builds_the_extension():
     assert "TORCH_CUDA_ARCH_LIST" in env, "without an arch list the build needs a GPU at build time"
     # build-ext writes to TORCH_EXTENSIONS_DIR; pinned, so that the runtime user finds the build.
     assert re.search(r"TORCH_EXTENSIONS_DIR=/\S+", env)
+    # idle Ray workers on every node preload what encoder actors and Ray Train workers import
+    preload = re.search(r"RAY_preload_python_modules=(\S+)", env)
+    assert preload and set(preload.group(1).split(",")) == set(DEFAULT_PRELOAD)
 
 
 def test_dockerfile_declares_pyproject_python():

@@ -40,6 +40,13 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     # a 2-slide cohort needs far fewer than the traced calls: the counts are exact, not lower bounds
     assert b["actor_calls_lower_bound"] is False
     assert b["actor_module_import_start"] <= b["actor_module_import_end"] <= b["actor_init_start"]
+    # decoding seen from the trace: nothing is embedded before it is decoded, and by the first batch back at
+    # least that batch's tiles had been decoded; by the end, every tile
+    assert 0 <= b["tiles_decoded_before_actor_first_call_start"] <= b["tiles_decoded_before_first_batch"] <= res["tiles"]
+    assert b["tiles_decoded_before_first_batch"] >= b["first_batch_rows"]
+    assert res["tiles_per_s"]["end_to_end_with_ray_start"] <= res["tiles_per_s"]["end_to_end"]
+    assert 0 < b["actor_call_seconds_median"] < res["end_to_end_seconds"]
+    assert 0 <= b["actor_gap_seconds_median"] < res["end_to_end_seconds"]
     assert 0 < b["plan_seconds_median"] <= b["plan_seconds_max"] < b["embed_end"]
     assert os.path.isdir(res["trace_dir"]) and os.listdir(res["trace_dir"])
     text = capsys.readouterr().out

@@ -305,6 +305,11 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
     calls = [e for e in events if e["event"] == "actor_call_done"]
     assert 0 < len(calls) <= 16 * len(first_call)  # the first calls only: a trace stays light
     assert all(0 < e["batch"] <= ENCODER["batch_size"] and e["seconds"] > 0 for e in calls)
+    # every decoded chunk is traced once: a read slide's chunks add up to its planned tiles
+    for sid in read:
+        chunk_tiles = sum(e["tiles"] for e in events if e["event"] == "chunk_read" and e["slide_id"] == sid)
+        assert chunk_tiles == next(e["n_tiles"] for e in events if e["event"] == "plan_done" and e["slide_id"] == sid)
+    assert {e["slide_id"] for e in events if e["event"] == "chunk_read"} == read
     rows = [e["rows"] for e in events if e["event"] == "driver_batch"]
     assert rows and rows[0] == next(e["rows"] for e in events if e["event"] == "first_batch")
 
@@ -326,8 +331,47 @@ def test_split_layout_stages_trace_plan_and_first_chunk(cohort, tmp_path):
     for chunk in chunks[:2]:
         read_tiles_batch({k: [v] for k, v in chunk.items()}, 32, trace_dir=str(tmp_path))
     events = read_trace(tmp_path)
-    assert [e["event"] for e in events] == ["read_task_start", "plan_done", "first_chunk_read"]
+    assert [e["event"] for e in events] == ["read_task_start", "plan_done", "first_chunk_read", "chunk_read",
+                                            "chunk_read"]
     assert all(e["slide_id"] == "clas000" for e in events)
     assert events[1]["seconds"] > 0 and events[2]["tiles"] == 8
+    assert [e["tiles"] for e in events[3:]] == [8, 8] and all(e["seconds"] > 0 for e in events[3:])
     plan_rows({**row, "slide_id": "nofile", "path": str(tmp_path / "nofile.svs")}, TILING, {}, 8)  # no trace_dir
     assert read_trace(tmp_path) == events
+
+
+def test_encoder_actors_share_gpus_and_leave_cpus_for_reads():
+    """Pool size and per-actor resources from the cluster's GPUs and CPUs (no Ray needed: a stand-in cluster)."""
+    from gigamamba.ingest.pipeline import INGEST_DEFAULTS, _embed_resources, _read_slots
+
+    class Cluster:
+        def __init__(self, **res):
+            self.res = res
+
+        def cluster_resources(self):
+            return self.res
+
+    gpu_node = Cluster(CPU=16.0, GPU=1.0)
+    res = _embed_resources(gpu_node, INGEST_DEFAULTS)
+    assert res == {"size": 1, "num_gpus": 1.0, "num_cpus": 1, "threads": 1}
+    assert _read_slots(gpu_node, INGEST_DEFAULTS, res) == 15
+    two = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "actors_per_gpu": 2})
+    assert two["size"] == 2 and two["num_gpus"] == 0.5 and _read_slots(gpu_node, INGEST_DEFAULTS, two) == 14
+    # an explicit pool size over 4 GPUs: 6 actors -> 2 a GPU, each half a GPU
+    four = _embed_resources(Cluster(CPU=64.0, GPU=4.0), {**INGEST_DEFAULTS, "embed_actors": 6})
+    assert four["size"] == 6 and four["num_gpus"] == 0.5
+    cpu = _embed_resources(Cluster(CPU=8.0), {**INGEST_DEFAULTS, "cpus_per_actor": 2})
+    assert cpu == {"size": 2, "num_gpus": 0, "num_cpus": 2, "threads": 2}
+
+
+def test_an_unknown_encoder_fails_before_any_slide_or_manifest_is_written(cohort, ray_local):
+    """The encoder probe runs in a thread beside Ray's start-up; its error still comes first, in the caller."""
+    from gigamamba.features.encoders import EncoderError
+    from gigamamba.ingest.pipeline import embed_cohort
+
+    spec = _spec(cohort, "probe.zarr")
+    spec["encoder"] = {**spec["encoder"], "name": "no-such-net"}
+    with pytest.raises(EncoderError, match="no-such-net"):
+        embed_cohort(spec, overwrite=True, progress=False)
+    store = GridStore(cohort / "probe.zarr")
+    assert store.complete_slides() == [] and len(store.manifest()) == 0

@@ -96,10 +96,14 @@ def _start_ray(num_cpus: int) -> None:
     """A local Ray; retried because its 30 s raylet start-up wait is short for a busy laptop."""
     import ray
 
+    from gigamamba.cluster.ray_start import local_ray_kwargs
+
     for attempt in range(3):
         try:
             # Concurrent folds each hold one logical CPU; the OS shares the real cores between them.
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # Idle workers import torch and timm while Ray waits for work (cluster/ray_start.py).
+            ray.init(**local_ray_kwargs({"num_cpus": num_cpus}), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
             return
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a start-up timeout
             if attempt == 2:

@@ -53,7 +53,8 @@ _IMPORT_T1 = time.time()
 INGEST_DEFAULTS = {
     "tiles_per_task": 32,     # tiles one read task decodes (one Ray Data row)
     "split_slides": False,    # False: one task plans and reads a slide; True: a slide's chunks over many tasks
-    "embed_actors": None,     # actor pool size; None: one per GPU, else max(1, CPUs // 4)
+    "embed_actors": None,     # actor pool size; None: actors_per_gpu per GPU, else max(1, CPUs // 4)
+    "actors_per_gpu": 1,      # encoder actors sharing one GPU (each with its own CPU for batch copies)
     "cpus_per_actor": 1,      # CPU actors: Ray CPUs (and torch threads) per actor
     "read_cpus": 1,           # Ray CPUs per read task
     "tissue": {},             # overrides of gigamamba.slides.tissue.DEFAULTS
@@ -177,9 +178,12 @@ def read_tiles_batch(batch: dict, input_px: int, trace_dir: str | None = None) -
             except Exception as exc:  # the slide fails, the pipeline goes on
                 t = np.zeros((len(cells), input_px, input_px, 3), np.uint8)
                 err = f"slide {sid}: " + " ".join(str(exc).split())
+            seconds = time.perf_counter() - t0
             if len(batch["plan"][k]):  # only a slide's first chunk carries the plan
-                _trace(trace_dir, "first_chunk_read", slide_id=sid, tiles=len(cells),
-                       seconds=time.perf_counter() - t0, error=bool(err))
+                _trace(trace_dir, "first_chunk_read", slide_id=sid, tiles=len(cells), seconds=seconds,
+                       error=bool(err))
+            # every chunk: how far decoding runs ahead of encoder actors that are still starting
+            _trace(trace_dir, "chunk_read", slide_id=sid, tiles=len(cells), seconds=seconds)
         n = len(cells)
         cols["slide_id"] += [sid] * n
         cols["i"].append(cells[:, 0])
@@ -240,7 +244,9 @@ class TileEmbedder:
             _trace(self.trace_dir, "actor_first_call_start", batch=len(batch["error"]))
         ok = np.array([e == "" for e in batch["error"]], bool)
         feats = np.zeros((len(ok), self.encoder.dim), np.float16)
-        if ok.any():
+        if ok.all():  # the usual case: no boolean-index copy of the tiles (a 38 MB batch at 224 px)
+            feats[:] = self.encoder.embed(batch["tile"])
+        elif ok.any():
             feats[ok] = self.encoder.embed(batch["tile"][ok]).astype(np.float16)
         if first:
             if self.encoder.device.type == "cuda":  # only here: a sync per batch would cost throughput
@@ -321,14 +327,9 @@ class _Progress:
 
 
 def _ensure_ray(cfg: dict):
-    import ray
+    from gigamamba.cluster.ray_start import init_ray
 
-    if not ray.is_initialized():
-        kw = {}
-        if not cfg.get("address"):  # resource caps only make sense for a Ray we start ourselves
-            kw = {k: cfg[k] for k in ("num_cpus", "num_gpus") if cfg.get(k) is not None}
-        ray.init(address=cfg.get("address"), include_dashboard=False, log_to_driver=False, **kw)
-    return ray
+    return init_ray(cfg, include_dashboard=False, log_to_driver=False)
 
 
 def _embed_resources(ray, ingest: dict) -> dict:
@@ -337,8 +338,12 @@ def _embed_resources(ray, ingest: dict) -> dict:
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     if gpus:
-        size = int(ingest.get("embed_actors") or gpus)
-        return {"size": size, "num_gpus": 1, "num_cpus": 1, "threads": 1}
+        # actors_per_gpu > 1 shares a GPU between actors (fractional num_gpus), each with its own CPU for
+        # Ray Data's batching and the host->device copy. On a 16-core H200 node two actors did not beat one
+        # (bench ingest: the steady state is decode-bound, and the second actor takes a read task's CPU).
+        size = int(ingest.get("embed_actors") or gpus * max(1, int(ingest.get("actors_per_gpu") or 1)))
+        share = -(-size // gpus)  # actors per GPU, rounded up
+        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": 1, "threads": 1}
     per = max(1, int(ingest.get("cpus_per_actor") or 1))
     size = int(ingest.get("embed_actors") or max(1, cpus // 4))
     return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": per}
@@ -405,6 +410,32 @@ def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, 
     return ds
 
 
+class _EncoderProbe:
+    """create_encoder(..., device="meta").info() in a thread; info() waits for it and re-raises its error."""
+
+    def __init__(self, enc: dict):
+        import threading
+
+        self._info: dict | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(enc,), name="encoder-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self, enc: dict) -> None:
+        try:
+            from gigamamba.features.encoders import create_encoder
+
+            self._info = create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="meta").info()
+        except BaseException as exc:  # re-raised in the caller's thread by info()
+            self._error = exc
+
+    def info(self) -> dict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._info
+
+
 def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_slide=None):
     """Embed every slide of spec["cohort"]["csv"] into the store spec["store"]; return the manifest.
 
@@ -417,19 +448,22 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     Returns the manifest of this cohort's slides (pandas DataFrame, DESIGN.md columns plus `action`:
     "embedded", "kept" or "failed").
     """
-    import pandas as pd
-    import ray.data
-
-    from gigamamba.features.encoders import create_encoder
-
     started = time.perf_counter()
     trace_dir = trace_dir_from_env()
     if trace_dir:
         os.makedirs(trace_dir, exist_ok=True)
     _trace(trace_dir, "embed_start")
+    enc = encoder_spec(spec)
+    # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
+    # weights is a spec error). Its imports (timm: 2-7 s on the 16-core H200 node) overlap Ray's start-up
+    # and the cohort/store checks below instead of preceding them.
+    probe = _EncoderProbe(enc)
+
+    import pandas as pd
+    import ray.data
+
     cohort = spec["cohort"]
     tiling = {k: spec["tiling"][k] for k in ("patch_px", "target_mpp", "tissue_threshold")}
-    enc = encoder_spec(spec)
     ingest = {**INGEST_DEFAULTS, **(spec.get("ingest") or {})}
     jobs, rejected = read_slide_jobs(cohort["csv"], cohort.get("slide_dir"))
 
@@ -444,10 +478,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     kept = [j.slide_id for j in jobs if j.slide_id in complete]
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Built once here: a wrong name or unavailable weights is a spec error, reported before any write.
-    probe = create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="meta")
-    info = probe.info()
-    del probe
+    info = probe.info()  # raises the probe's error here, before any write
     _trace(trace_dir, "encoder_probe_done")
     store.initialise(encoder=info, tiling=tiling, overwrite=overwrite)
     actions = {sid: "kept" for sid in kept}

@@ -67,19 +67,9 @@ def _use_gpu(setting) -> bool:
 
 
 def _ensure_ray(spec: dict) -> None:
-    import ray
+    from gigamamba.cluster.ray_start import init_ray
 
-    if ray.is_initialized():
-        return
-    rc = spec.get("ray") or {}
-    kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True}
-    if rc.get("address"):
-        kwargs["address"] = rc["address"]
-    else:
-        for key in ("num_cpus", "num_gpus"):
-            if rc.get(key) is not None:
-                kwargs[key] = rc[key]
-    ray.init(**kwargs)
+    init_ray(spec.get("ray"), include_dashboard=False, ignore_reinit_error=True)
 
 
 def fold_config(spec: dict, meta: dict, cohort: pd.DataFrame, fold, in_dim: int, tracking_info: dict) -> dict:
