@@ -195,6 +195,26 @@ def test_slurm_script_syntax_and_entrypoint():
     assert set(export.group(1).split(",")) == set(DEFAULT_PRELOAD)
 
 
+def test_slurm_script_exports_the_preload_to_ray(tmp_path):
+    """Run the script with stand-in scontrol and srun: the `ray symmetric-run` srun sees the preload setting
+    (an export inside a $(...) would set it in a subshell only)."""
+    import os
+
+    seen = tmp_path / "seen"
+    (tmp_path / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    (tmp_path / "srun").write_text(
+        "#!/bin/bash\n"
+        'if [[ " $* " == *" hostname "* ]]; then echo 10.0.0.1; exit 0; fi\n'
+        f'echo "${{RAY_preload_python_modules:-unset}}" > {shlex.quote(str(seen))}\n')
+    for f in ("scontrol", "srun"):
+        (tmp_path / f).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_preload_python_modules"}
+    env.update(PATH=f"{tmp_path}:{env.get('PATH', '/usr/bin:/bin')}", SLURM_JOB_NODELIST="node1",
+               SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="4", SLURM_GPUS_PER_TASK="1")
+    subprocess.run(["bash", str(SBATCH)], env=env, check=True, cwd=tmp_path, timeout=60)
+    assert set(seen.read_text().strip().split(",")) == set(DEFAULT_PRELOAD)
+
+
 def test_slurm_options_exist_in_installed_ray():
     """Each option the script gives `ray symmetric-run` is one that this Ray's symmetric-run or start knows."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
