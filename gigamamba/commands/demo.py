@@ -101,7 +101,8 @@ def _start_ray(num_cpus: int) -> None:
     for attempt in range(3):
         try:
             # Concurrent folds each hold one logical CPU; the OS shares the real cores between them.
-            # Idle workers import torch and timm while Ray waits for work (cluster/ray_start.py).
+            # No preload_modules: a local Ray preloads nothing (cluster/ray_start.py); with RAY_ADDRESS set,
+            # ray.init joins that cluster and num_cpus is left to it.
             ray.init(**local_ray_kwargs({"num_cpus": num_cpus}), include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
             return
