@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "split_slides": False,       # False: one task plans and reads a slide; True: its chunks over many tasks
         "embed_actors": None,        # encoder actor pool size; None: actors_per_gpu per GPU, else CPUs // 4 (>= 1)
         "actors_per_gpu": 1,         # encoder actors sharing a GPU (fractional num_gpus), each with its own CPU
+        "calls_per_actor": 2,        # batches an encoder actor assembles at once (the encoder runs one at a time)
         "cpus_per_actor": 1,         # CPU-only clusters: Ray CPUs (= torch threads) per encoder actor
         "read_cpus": 1,              # Ray CPUs per read task
         "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)

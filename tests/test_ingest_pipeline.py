@@ -308,7 +308,9 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
     # every decoded chunk is traced once: a read slide's chunks add up to its planned tiles
     for sid in read:
         chunk_tiles = sum(e["tiles"] for e in events if e["event"] == "chunk_read" and e["slide_id"] == sid)
-        assert chunk_tiles == next(e["n_tiles"] for e in events if e["event"] == "plan_done" and e["slide_id"] == sid)
+        mine = [e for e in events if e.get("slide_id") == sid]
+        summary = [(e["event"], e["pid"], round(e["t"] - t["embed_start"], 2), e.get("tiles")) for e in mine]
+        assert chunk_tiles == next(e["n_tiles"] for e in mine if e["event"] == "plan_done"), (sid, summary)
     assert {e["slide_id"] for e in events if e["event"] == "chunk_read"} == read
     rows = [e["rows"] for e in events if e["event"] == "driver_batch"]
     assert rows and rows[0] == next(e["rows"] for e in events if e["event"] == "first_batch")

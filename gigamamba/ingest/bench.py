@@ -46,7 +46,9 @@ def configure(parser) -> None:
                         help="spread a slide's tile chunks over many read tasks (ingest.split_slides: true); "
                              "default: one task plans and reads a slide")
     parser.add_argument("--embed-actors", type=int, default=None)
-    parser.add_argument("--actors-per-gpu", type=int, default=None, help="encoder actors sharing a GPU (default 2)")
+    parser.add_argument("--actors-per-gpu", type=int, default=None, help="encoder actors sharing a GPU (default 1)")
+    parser.add_argument("--calls-per-actor", type=int, default=None,
+                        help="batches an encoder actor assembles at once (default 2)")
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--preload", default="",
@@ -325,6 +327,8 @@ def run(args) -> int:
             ingest["cpus_per_actor"] = args.cpus_per_actor
         if args.actors_per_gpu:
             ingest["actors_per_gpu"] = args.actors_per_gpu
+        if args.calls_per_actor:
+            ingest["calls_per_actor"] = args.calls_per_actor
         spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,
                              "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
                                          "batch_size": batch_size},

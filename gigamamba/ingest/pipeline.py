@@ -30,6 +30,7 @@ With GIGAMAMBA_INGEST_TRACE=DIR every stage appends JSON lines {"event", "t", "p
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -55,6 +56,7 @@ INGEST_DEFAULTS = {
     "split_slides": False,    # False: one task plans and reads a slide; True: a slide's chunks over many tasks
     "embed_actors": None,     # actor pool size; None: actors_per_gpu per GPU, else max(1, CPUs // 4)
     "actors_per_gpu": 1,      # encoder actors sharing one GPU (each with its own CPU for batch copies)
+    "calls_per_actor": 2,     # encoder calls an actor batches at once (the encoder itself runs one at a time)
     "cpus_per_actor": 1,      # CPU actors: Ray CPUs (and torch threads) per actor
     "read_cpus": 1,           # Ray CPUs per read task
     "tissue": {},             # overrides of gigamamba.slides.tissue.DEFAULTS
@@ -403,8 +405,13 @@ def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, 
                             fn_kwargs={"tiling": tiling, "tissue": tissue, "input_px": int(enc["input_px"]),
                                        "tiles_per_chunk": int(ingest["tiles_per_task"]), "trace_dir": trace_dir},
                             **read_args)
-    ds = ds.map_batches(TileEmbedder, batch_size=int(enc["batch_size"]), batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=res["size"]),
+    # calls_per_actor > 1: Ray Data assembles the next batch from its chunk blocks (and ships the last
+    # output) in another thread of the actor while the encoder runs; the encoder calls stay one at a time.
+    # With one call at a time the actor spent as long between calls as in them (H200: 26 vs 24 ms a
+    # 256-tile batch), which is what limits how fast it works off the tiles decoded while it started.
+    pool = ray.data.ActorPoolStrategy(size=res["size"],
+                                      max_concurrent_calls_per_actor=max(1, int(ingest["calls_per_actor"])))
+    ds = ds.map_batches(TileEmbedder, batch_size=int(enc["batch_size"]), batch_format="numpy", compute=pool,
                         num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
                         fn_constructor_kwargs={"encoder": enc, "threads": res["threads"], "trace_dir": trace_dir})
     return ds
@@ -430,10 +437,14 @@ class _EncoderProbe:
             self._error = exc
 
     def info(self) -> dict:
+        self.raise_error()
+        return self._info
+
+    def raise_error(self) -> None:
+        """Wait for the probe; raise its error if it failed."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._info
 
 
 def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_slide=None):
@@ -455,8 +466,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     _trace(trace_dir, "embed_start")
     enc = encoder_spec(spec)
     # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
-    # weights is a spec error). Its imports (timm: 2-7 s on the 16-core H200 node) overlap Ray's start-up
-    # and the cohort/store checks below instead of preceding them.
+    # weights is a spec error). Its imports (timm: 2-7 s on the 16-core H200 node) overlap Ray's start-up,
+    # Ray Data's and the first reads instead of preceding them; it is joined when the first batch is back.
     probe = _EncoderProbe(enc)
 
     import pandas as pd
@@ -478,24 +489,31 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     kept = [j.slide_id for j in jobs if j.slide_id in complete]
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    info = probe.info()  # raises the probe's error here, before any write
-    _trace(trace_dir, "encoder_probe_done")
-    store.initialise(encoder=info, tiling=tiling, overwrite=overwrite)
     actions = {sid: "kept" for sid in kept}
     for row in rejected:
         actions[row["slide_id"]] = "failed"
     rows = list(rejected)
-    if rejected:
-        store.update_manifest(rejected)
-        for row in rejected:
-            if on_slide:
-                on_slide(row)
-    if todo and progress:
-        print(f"[embed {time.perf_counter() - started:5.1f}s] {len(todo)} slide(s) to embed, {len(kept)} already complete, {len(rejected)} rejected; "
-              f"encoder {info['name']} ({info['dim']}-d, weights {info['weights']})", file=sys.stderr, flush=True)
-
     tracker = _Progress(progress, len(todo))
     tracker.t0 = started
+    if todo and progress:
+        print(f"[embed {time.perf_counter() - started:5.1f}s] {len(todo)} slide(s) to embed, {len(kept)} already "
+              f"complete, {len(rejected)} rejected; encoder {enc['name']} (weights {enc['weights']})",
+              file=sys.stderr, flush=True)
+
+    def begin() -> dict:
+        """The store's first writes, once the encoder probe has passed: nothing is written before that.
+
+        Called at the first batch back, so the probe's imports overlap Ray Data's start-up and the first
+        reads; a probe that fails stops the run with its own error before any write (see the loop)."""
+        info = probe.info()
+        _trace(trace_dir, "encoder_probe_done")
+        store.initialise(encoder=info, tiling=tiling, overwrite=overwrite)
+        if rejected:
+            store.update_manifest(rejected)
+            for row in rejected:
+                if on_slide:
+                    on_slide(row)
+        return info
 
     def record(row: dict) -> None:
         sid = row["slide_id"]
@@ -535,7 +553,16 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         _trace(trace_dir, "dataset_built", actors=res["size"])
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
-        for n_batch, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
+        info = None
+        # One iterator throughout: each iter() of ds.iter_batches(...) would run the whole pipeline again.
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            batch = next(batches, None)  # Ray Data starts here; the probe runs meanwhile
+        except Exception:
+            probe.raise_error()  # a bad encoder fails the actors too: report the probe's own error
+            raise
+        info = begin()
+        for n_batch, batch in enumerate(itertools.chain([batch], batches) if batch is not None else ()):
             if n_batch == 0:
                 _trace(trace_dir, "first_batch", rows=len(batch["slide_id"]))
             if n_batch < 16:  # the cadence of the first batches back, next to the actor's calls
@@ -566,6 +593,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
             tracker.say()
         for sid, asm in inflight.items():  # only if Ray lost rows: never mark such a slide complete
             record(failure(sid, f"slide {sid}: only {asm.received} of {asm.n_tiles} tiles came back"))
+    else:
+        begin()
 
     manifest = store.manifest()
     ids = [j.slide_id for j in jobs] + [r["slide_id"] for r in rejected]
