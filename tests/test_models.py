@@ -15,6 +15,8 @@ CONFIGS = [
     ("mamba1d", {}),
     ("abmil", {}),
     ("meanpool", {}),
+    ("transmil", {}),                   # exact attention: fewer tokens than the 256 landmarks
+    ("transmil", {"n_landmarks": 4}),   # the Nyström approximation
 ]
 
 
@@ -58,7 +60,7 @@ def test_a_padded_batch_gives_each_slide_what_it_gives_alone(name, kw):
 
 
 def test_registry_lists_the_models_and_rejects_unknown_names():
-    assert {"mamba2d", "mamba1d", "abmil", "meanpool"} <= set(list_models())
+    assert {"mamba2d", "mamba1d", "abmil", "meanpool", "transmil"} <= set(list_models())
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model("nope", 4, 2)
 
