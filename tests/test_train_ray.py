@@ -121,3 +121,19 @@ def test_survival_fold_logs_c_index_and_km_plot(ray_local, tmp_path):
     assert {a.path for a in client.list_artifacts(child.info.run_id, "plots")} == {"plots/km_test.png"}
     pred = pd.read_parquet(client.download_artifacts(child.info.run_id, "predictions.parquet"))
     assert {"risk", "survival_months", "event"} <= set(pred.columns)
+
+
+def test_transmil_fold_trains_under_ddp_and_logs_heatmaps(ray_local, toy):
+    """TransMIL through the real path: two DDP ranks (gloo), attention heatmaps from its class token."""
+    root, csv, store = toy
+    spec = _spec(root, csv, store, "tmil", epochs=2)
+    spec["model"] = {"name": "transmil", "kwargs": {"d_model": 16, "n_heads": 2, "n_landmarks": 8}}
+    out = run_cv(spec, progress=False)
+    client = MlflowClient(spec["tracking"]["uri"])
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["model"] == "transmil"
+    assert 0.0 <= parent.data.metrics["test_auc_mean"] <= 1.0
+    (child,) = _children(client, parent.info.run_id)
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "train_loss")) == [0, 1]
+    heatmaps = {a.path for a in client.list_artifacts(child.info.run_id, "heatmaps")}
+    assert len(heatmaps) == 2 and all(p.endswith(".png") for p in heatmaps)
