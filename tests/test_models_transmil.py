@@ -125,6 +125,17 @@ def test_attention_map_is_a_distribution_over_tissue():
         assert attn[0][mask[0]].std() > 0  # not a uniform placeholder
 
 
+def test_a_batch_without_tissue_still_uses_every_parameter():
+    # DDP (find_unused_parameters=False) fails on the next step if a rank's batch left any parameter out
+    # of the graph: an empty-tissue slide must reach the PPEG convs too, with a zero gradient.
+    model = tiny()
+    logits = model(torch.randn(1, 4, 5, 8), torch.zeros(1, 4, 5, dtype=torch.bool))
+    F.cross_entropy(logits, torch.tensor([0])).backward()
+    assert torch.isfinite(logits).all()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
 def make_task(n, gen):
     """Feature 0 of every tissue tile is -1 on label-1 slides and +1 on label-0 slides: separable by a
     mean. This sign is the one the seeded initial model gets wrong, so the test sees learning."""

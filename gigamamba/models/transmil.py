@@ -26,12 +26,12 @@ class PPEG(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """tokens (n, dim) at non-negative grid cells (n, 2) -> tokens (n, dim)."""
-        if tokens.shape[0] == 0:
-            return tokens
         rows, cols = cells[:, 0], cells[:, 1]
         # Non-tissue cells stay zero, so through the zero-padded convs they add nothing a slide's own
         # tokens don't: the same as TransMIL's zero padding, and nothing from background cells.
-        grid = tokens.new_zeros(tokens.shape[1], int(rows.max()) + 1, int(cols.max()) + 1)
+        # No tissue: a 1x1 zero grid, so the convs still run and DDP sees their (zero) gradients.
+        h, w = (int(rows.max()) + 1, int(cols.max()) + 1) if len(cells) else (1, 1)
+        grid = tokens.new_zeros(tokens.shape[1], h, w)
         grid[:, rows, cols] = tokens.t()
         mixed = sum(conv(grid.unsqueeze(0))[0] for conv in self.convs)
         return tokens + mixed[:, rows, cols].t()
