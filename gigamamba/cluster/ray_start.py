@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 
-PRELOAD_ENV = "RAY_preload_python_modules"
 DEFAULT_PRELOAD = ("torch", "timm")  # what cluster nodes preload (cluster/Dockerfile, Slurm script)
 
 
@@ -30,10 +29,10 @@ def local_ray_kwargs(rc: dict | None) -> dict:
     if os.environ.get("RAY_ADDRESS"):  # ray.init() joins that cluster (a Ray Jobs driver, a test's Ray)
         return {}
     kwargs = {k: rc[k] for k in ("num_cpus", "num_gpus") if rc.get(k) is not None}
-    preload = rc.get("preload_modules") or []
-    if isinstance(preload, str):
-        preload = [m for m in preload.split(",") if m.strip()]
-    preload = [str(m).strip() for m in preload or ()]
+    names = rc.get("preload_modules") or []
+    if isinstance(names, str):  # "torch,timm", as the environment variable spells it
+        names = names.split(",")
+    preload = [name for name in (str(m).strip() for m in names) if name]
     if preload:
         kwargs["_system_config"] = {"preload_python_modules": preload}
     return kwargs

@@ -246,10 +246,10 @@ class TileEmbedder:
             _trace(self.trace_dir, "actor_first_call_start", batch=len(batch["error"]))
         ok = np.array([e == "" for e in batch["error"]], bool)
         feats = np.zeros((len(ok), self.encoder.dim), np.float16)
-        if ok.all():  # the usual case: no boolean-index copy of the tiles (a 38 MB batch at 224 px)
-            feats[:] = self.encoder.embed(batch["tile"])
-        elif ok.any():
-            feats[ok] = self.encoder.embed(batch["tile"][ok]).astype(np.float16)
+        if ok.any():
+            # all good, the usual case: no boolean-index copy of the tiles (a 38 MB batch at 224 px)
+            tiles = batch["tile"] if ok.all() else batch["tile"][ok]
+            feats[ok] = self.encoder.embed(tiles)
         if first:
             if self.encoder.device.type == "cuda":  # only here: a sync per batch would cost throughput
                 import torch
@@ -553,7 +553,6 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         _trace(trace_dir, "dataset_built", actors=res["size"])
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
-        info = None
         # One iterator throughout: each iter() of ds.iter_batches(...) would run the whole pipeline again.
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:
