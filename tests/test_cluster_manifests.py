@@ -189,7 +189,7 @@ def test_slurm_script_syntax_and_entrypoint():
     assert "--address" in before
     argv = gigamamba_command(after.replace('"$SPEC"', "pipelines/demo.yaml"))
     assert_real_command(argv, "slurm entrypoint")
-    # exported before srun, so every node's `ray symmetric-run` workers preload torch and timm
+    # exported before srun, so every node's `ray symmetric-run` workers preload torch
     export = re.search(r'^export RAY_preload_python_modules="\$\{RAY_preload_python_modules:-(\S+)\}"', text, re.M)
     assert export and text.index(export.group(0)) < text.index("srun --nodes")
     assert set(export.group(1).split(",")) == set(DEFAULT_PRELOAD)

@@ -48,6 +48,11 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     assert 0 < b["actor_call_seconds_median"] < res["end_to_end_seconds"]
     assert 0 <= b["actor_gap_seconds_median"] < res["end_to_end_seconds"]
     assert 0 < b["plan_seconds_median"] <= b["plan_seconds_max"] < b["embed_end"]
+    assert b["first_chunk_read"] <= b["last_chunk_read"] <= b["embed_end"]
+    # the CPU sampler saw the run: the driver and the read tasks used CPU, and no kind used more than the machine
+    cpu = res["cpu"]["all"]
+    assert cpu["seconds"] > 0 and cpu["driver"] > 0 and cpu["read"] + cpu["encoder"] > 0, cpu
+    assert all(0 <= cpu[k] <= res["cpu"]["cores"] * 1.2 for k in cpu if k != "seconds"), cpu
     assert os.path.isdir(res["trace_dir"]) and os.listdir(res["trace_dir"])
     text = capsys.readouterr().out
     assert "start-up, seconds after embed_cohort started" in text and "actor_model_ready" in text

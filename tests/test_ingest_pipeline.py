@@ -359,6 +359,9 @@ def test_encoder_actors_share_gpus_and_leave_cpus_for_reads():
     assert _read_slots(gpu_node, INGEST_DEFAULTS, res) == 15
     two = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "actors_per_gpu": 2})
     assert two["size"] == 2 and two["num_gpus"] == 0.5 and _read_slots(gpu_node, INGEST_DEFAULTS, two) == 14
+    # GPU actors that reserve no CPU leave every CPU to the reads
+    free = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_actor_cpus": 0})
+    assert free["num_cpus"] == 0 and _read_slots(gpu_node, INGEST_DEFAULTS, free) == 16
     # an explicit pool size over 4 GPUs: 6 actors -> 2 a GPU, each half a GPU
     four = _embed_resources(Cluster(CPU=64.0, GPU=4.0), {**INGEST_DEFAULTS, "embed_actors": 6})
     assert four["size"] == 6 and four["num_gpus"] == 0.5
@@ -377,3 +380,16 @@ def test_an_unknown_encoder_fails_before_any_slide_or_manifest_is_written(cohort
         embed_cohort(spec, overwrite=True, progress=False)
     store = GridStore(cohort / "probe.zarr")
     assert store.complete_slides() == [] and len(store.manifest()) == 0
+
+
+def test_ray_data_helper_actors_are_started_ahead(ray_local):
+    """The warm-up starts the detached actor Ray Data's scheduling loop blocks on; if a Ray upgrade renames
+    it, this fails and says the warm-up no longer does anything."""
+    import ray
+
+    from gigamamba.ingest.pipeline import _warm_ray_data_actors
+
+    assert _warm_ray_data_actors() is True
+    tracker = ray.get_actor("ActorLocationTracker", namespace="ActorLocationTracker")
+    assert ray.get(tracker.get_actor_locations.remote(["x"]), timeout=120) == {"x": None}
+    assert _warm_ray_data_actors() is True  # a second call finds the same actors

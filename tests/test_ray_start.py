@@ -1,4 +1,4 @@
-"""A local Ray started by gigamamba: idle workers import torch/timm before work arrives (cluster/ray_start.py)."""
+"""A local Ray started by gigamamba: idle workers import torch before work arrives (cluster/ray_start.py)."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ def test_local_ray_kwargs_follow_the_spec(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert local_ray_kwargs(None) == {}
     assert local_ray_kwargs({"preload_modules": list(DEFAULT_PRELOAD)}) == {
-        "_system_config": {"preload_python_modules": ["torch", "timm"]}}
+        "_system_config": {"preload_python_modules": ["torch"]}}
     got = local_ray_kwargs({"num_cpus": 3, "num_gpus": None, "preload_modules": "torch, numpy"})
     assert got == {"num_cpus": 3, "_system_config": {"preload_python_modules": ["torch", "numpy"]}}
     assert local_ray_kwargs({"num_cpus": 2, "preload_modules": []}) == {"num_cpus": 2}

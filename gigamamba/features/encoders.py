@@ -1,14 +1,17 @@
-"""Tile encoders: a small registry over timm.
+"""Tile encoders: a small registry over timm, plus a native (plain torch) resnet50-trunc.
 
     encoder = create_encoder("resnet50-trunc", weights="imagenet")     # or any timm model name
     feats = encoder.embed(tiles)          # tiles uint8 (N, H, W, 3) -> float32 (N, encoder.dim)
     encoder.info()                        # {name, dim, weights, input_px, mean, std, ...} for the store attrs
 
 Registered names (timm names work as well, as global-average-pooled feature extractors):
-    resnet50-trunc   CLAM's standard: ResNet-50 through layer3, average pooled, 1024-d, ImageNet normalisation
+    resnet50-trunc   CLAM's standard: ResNet-50 through layer3, average pooled, 1024-d, ImageNet normalisation.
+                     Built natively (features/resnet.py, timm's key names): building it never imports
+                     timm/torchvision, which cost ~5.5 s of every encoder actor's start-up. Its "imagenet"
+                     weights are timm's resnet50 default, resnet50.a1_in1k, fetched from the HF hub.
 
 weights:
-    "imagenet"       timm's pretrained download (needs network access, or a warm timm/HF cache)
+    "imagenet"       the pretrained download (timm's, or the HF hub; needs network access, or a warm HF cache)
     "random"         seeded random initialisation, identical in every worker (tests, the demo)
     a file path      a state dict (.pth/.pt/.bin/.safetensors); its sha256 goes into the store attrs
 
@@ -48,14 +51,27 @@ def list_encoders() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# timm's default pretrained tag for "resnet50" (timm.models.get_pretrained_cfg("resnet50").hf_hub_id)
+RESNET50_HF_REPO = "timm/resnet50.a1_in1k"
+RESNET50_HF_FILE = "model.safetensors"
+
+
 @register_encoder("resnet50-trunc")
 def _resnet50_trunc(pretrained: bool):
-    import timm
-    import torch.nn as nn
-
-    model = timm.create_model("resnet50", pretrained=pretrained, num_classes=0)
     # CLAM's encoder stops after layer3 (1024 channels): deeper layers are too ImageNet-specific.
-    model.layer4 = nn.Identity()
+    # Plain torch: no timm/torchvision import on the encoder actor's start-up path.
+    from gigamamba.features.resnet import resnet50_trunc
+
+    model = resnet50_trunc()
+    if pretrained:
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_file
+
+        path = hf_hub_download(RESNET50_HF_REPO, RESNET50_HF_FILE)  # network errors: create_encoder words them
+        missing, _ = model.load_state_dict(load_file(path), strict=False)  # layer4.*, fc.* are unexpected
+        if missing:
+            raise EncoderError(f"encoder resnet50-trunc: {RESNET50_HF_REPO}/{RESNET50_HF_FILE} lacks "
+                               f"{len(missing)} parameters (first: {missing[0]})")
     return model
 
 

@@ -49,6 +49,8 @@ def configure(parser) -> None:
     parser.add_argument("--actors-per-gpu", type=int, default=None, help="encoder actors sharing a GPU (default 1)")
     parser.add_argument("--calls-per-actor", type=int, default=None,
                         help="batches an encoder actor assembles at once (default 2)")
+    parser.add_argument("--gpu-actor-cpus", type=float, default=None,
+                        help="Ray CPUs a GPU encoder actor reserves (default 1; 0 lets reads take every CPU)")
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--preload", default="",
@@ -139,7 +141,7 @@ def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -
 _STARTUP_EVENTS = (
     "ray_ready", "encoder_probe_done", "dataset_built", "read_task_start", "plan_done", "first_chunk_read",
     "actor_init_start", "actor_imports_done", "actor_cuda_ready", "actor_model_ready", "actor_first_call_start",
-    "actor_first_call_done", "first_batch", "first_slide_complete", "embed_end",
+    "actor_first_call_done", "first_batch", "first_slide_complete", "last_chunk_read", "embed_end",
 )
 # the first actor's and read task's process start and module import: (who, its event, trace field, key suffix)
 _PROCESS_TIMES = tuple((who, event, field, key)
@@ -192,6 +194,17 @@ def startup_breakdown(events: list[dict]) -> dict:
     for name in ("actor_first_call_start", "first_batch"):  # decoding done while the encoder was not yet running
         if name in out:
             out[f"tiles_decoded_before_{name}"] = sum(e["tiles"] for e in chunks if e["t"] <= t0 + out[name])
+    if chunks:
+        # Decoding over the run: how fast the read tasks went while the encoder started, and after; and how
+        # long the pipeline ran on once the last tile was decoded (embedding, writes, Ray Data's tail).
+        last = max(e["t"] for e in chunks) - t0
+        out["last_chunk_read"] = round(last, 3)
+        first_read = min(e["t"] for e in chunks) - t0
+        if "first_batch" in out and out["first_batch"] > first_read and last > out["first_batch"]:
+            before = out["tiles_decoded_before_first_batch"]
+            after = sum(e["tiles"] for e in chunks) - before
+            out["decode_rate_to_first_batch"] = round(before / (out["first_batch"] - first_read), 1)
+            out["decode_rate_after_first_batch"] = round(after / (last - out["first_batch"]), 1)
     plans = [e["seconds"] for e in events if e["event"] == "plan_done" and "seconds" in e]
     if plans:
         out["plan_seconds_median"] = round(float(np.median(plans)), 3)
@@ -327,6 +340,8 @@ def run(args) -> int:
             ingest["cpus_per_actor"] = args.cpus_per_actor
         if args.actors_per_gpu:
             ingest["actors_per_gpu"] = args.actors_per_gpu
+        if args.gpu_actor_cpus is not None:
+            ingest["gpu_actor_cpus"] = args.gpu_actor_cpus
         if args.calls_per_actor:
             ingest["calls_per_actor"] = args.calls_per_actor
         spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,
@@ -338,9 +353,12 @@ def run(args) -> int:
         trace_dir = tempfile.mkdtemp(prefix="trace-", dir=work)
         previous = os.environ.get(TRACE_ENV)
         os.environ[TRACE_ENV] = trace_dir
+        from gigamamba.ingest.cpu_sampler import CpuSampler
+
         try:
-            t = time.perf_counter()
-            manifest = embed_cohort(spec, overwrite=True, progress=True)
+            t, t_epoch = time.perf_counter(), time.time()
+            with CpuSampler() as cpu:
+                manifest = embed_cohort(spec, overwrite=True, progress=True)
             wall = time.perf_counter() - t
         finally:
             if previous is None:
@@ -348,7 +366,12 @@ def run(args) -> int:
             else:
                 os.environ[TRACE_ENV] = previous
         results["trace_dir"] = trace_dir
-        results["startup_breakdown"] = startup_breakdown(read_trace(trace_dir))
+        events = read_trace(trace_dir)
+        results["startup_breakdown"] = startup_breakdown(events)
+        starts = [e["t"] for e in events if e["event"] == "embed_start"]
+        first_batch = results["startup_breakdown"].get("first_batch")
+        results["cpu"] = cpu.summary(start=t_epoch, split_at=(min(starts) + first_batch)
+                                     if starts and first_batch is not None else None)
         done = int(manifest.loc[manifest.status == "complete", "n_tiles"].sum())
         rates["end_to_end"] = done / wall
         results.setdefault("load_avg_1m_at", {})["end_to_end"] = _load()
@@ -379,6 +402,10 @@ def run(args) -> int:
     print(_table(results))
     if results.get("startup_breakdown"):
         print(_startup_table(results["startup_breakdown"]))
+    if results.get("cpu"):
+        from gigamamba.ingest.cpu_sampler import table
+
+        print(table(results["cpu"]))
     print(f"\nresults: {out}")
     return 0
 
@@ -428,5 +455,8 @@ def _startup_table(b: dict) -> str:
         lines.append(f"  encoder actor calls (traced ones): median {b['actor_call_seconds_median'] * 1e3:.1f} ms in the call"
                      + (f", {b['actor_gap_seconds_median'] * 1e3:.1f} ms between calls"
                         if "actor_gap_seconds_median" in b else ""))
+    if "decode_rate_after_first_batch" in b:
+        lines.append(f"  decoding, tiles/s: {b['decode_rate_to_first_batch']:.0f} from the first chunk to the first batch, "
+                     f"{b['decode_rate_after_first_batch']:.0f} from then to the last chunk")
     lines.append(f"  actors {b.get('actors', 0)}, read processes {b.get('read_processes', 0)}")
     return "\n".join(lines)

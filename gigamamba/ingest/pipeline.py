@@ -58,6 +58,7 @@ INGEST_DEFAULTS = {
     "actors_per_gpu": 1,      # encoder actors sharing one GPU (each with its own CPU for batch copies)
     "calls_per_actor": 2,     # encoder calls an actor batches at once (the encoder itself runs one at a time)
     "cpus_per_actor": 1,      # CPU actors: Ray CPUs (and torch threads) per actor
+    "gpu_actor_cpus": 1,      # GPU actors: Ray CPUs each reserves (0: reads may take every CPU)
     "read_cpus": 1,           # Ray CPUs per read task
     "tissue": {},             # overrides of gigamamba.slides.tissue.DEFAULTS
 }
@@ -219,7 +220,8 @@ class TileEmbedder:
     def __init__(self, encoder: dict, threads: int = 1, trace_dir: str | None = None):
         self.trace_dir, self.calls = trace_dir, 0
         _trace(trace_dir, "actor_init_start", **_worker_times())
-        import timm  # noqa: F401  (imported here so the trace counts it as import time, not model time)
+        # torch only: the default encoder is plain torch, and timm (+5.5 s on a 16-core H100 node: it pulls in
+        # torchvision, torch._dynamo and sympy) is imported by create_encoder only for a timm model name
         import torch
 
         from gigamamba.features.encoders import create_encoder
@@ -334,6 +336,28 @@ def _ensure_ray(cfg: dict):
     return init_ray(cfg, include_dashboard=False, log_to_driver=False)
 
 
+def _warm_ray_data_actors() -> bool:
+    """Start Ray Data's own helper actors now, so their worker processes come up while the dataset is built.
+
+    Ray Data's scheduling loop asks its detached `ActorLocationTracker` actor where the encoder actors are
+    (a blocking ray.get) before it schedules work. On a fresh Ray that actor's process is only started then,
+    and no read task is scheduled until it answers: 3 s of the 5 s between `iter_batches` and the first read
+    task on a 2-core machine (a stack sample of the driver). Detached, so once per Ray cluster. Private
+    Ray Data API: best effort, False when it is not there (the pipeline works the same, only later).
+    """
+    try:
+        from ray.data._internal.execution.node_trackers.actor_location import get_or_create_actor_location_tracker
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return False
+    try:
+        get_or_create_actor_location_tracker()  # .remote() of a named actor: returns at once
+        get_or_create_stats_actor()
+    except Exception:  # an API change must never fail an embed
+        return False
+    return True
+
+
 def _embed_resources(ray, ingest: dict) -> dict:
     """Actor pool size and per-actor resources: one GPU per actor where GPUs exist, CPU actors otherwise."""
     resources = ray.cluster_resources()
@@ -345,7 +369,8 @@ def _embed_resources(ray, ingest: dict) -> dict:
         # (bench ingest: the steady state is decode-bound, and the second actor takes a read task's CPU).
         size = int(ingest.get("embed_actors") or gpus * max(1, int(ingest.get("actors_per_gpu") or 1)))
         share = -(-size // gpus)  # actors per GPU, rounded up
-        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": 1, "threads": 1}
+        cpus = float(ingest.get("gpu_actor_cpus", 1))
+        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": cpus, "threads": 1}
     per = max(1, int(ingest.get("cpus_per_actor") or 1))
     size = int(ingest.get("embed_actors") or max(1, cpus // 4))
     return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": per}
@@ -466,7 +491,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     _trace(trace_dir, "embed_start")
     enc = encoder_spec(spec)
     # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
-    # weights is a spec error). Its imports (timm: 2-7 s on the 16-core H200 node) overlap Ray's start-up,
+    # weights is a spec error). Its imports (torch: ~4 s on a 16-core H100 node; timm too for a timm model name) overlap Ray's start-up,
     # Ray Data's and the first reads instead of preceding them; it is joined when the first batch is back.
     probe = _EncoderProbe(enc)
 
@@ -480,6 +505,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
 
     ray = _ensure_ray(spec.get("ray") or {})
     _trace(trace_dir, "ray_ready")
+    _warm_ray_data_actors()
     check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
     store = GridStore(spec["store"], mode="a")
     if not overwrite:
