@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "actors_per_gpu": 1,         # encoder actors sharing a GPU (fractional num_gpus), each with its own CPU
         "calls_per_actor": 2,        # batches an encoder actor assembles at once (the encoder runs one at a time)
         "cpus_per_actor": 1,         # CPU-only clusters: Ray CPUs (= torch threads) per encoder actor
-        "gpu_actor_cpus": 1,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU)
+        "gpu_actor_cpus": 0,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU)
         "read_cpus": 1,              # Ray CPUs per read task
         "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)
     },

@@ -354,14 +354,14 @@ def test_encoder_actors_share_gpus_and_leave_cpus_for_reads():
             return self.res
 
     gpu_node = Cluster(CPU=16.0, GPU=1.0)
+    # by default a GPU actor reserves no CPU: every CPU goes to the reads (the actor needs ~0.55 of a core)
     res = _embed_resources(gpu_node, INGEST_DEFAULTS)
-    assert res == {"size": 1, "num_gpus": 1.0, "num_cpus": 1, "threads": 1}
-    assert _read_slots(gpu_node, INGEST_DEFAULTS, res) == 15
-    two = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "actors_per_gpu": 2})
+    assert res == {"size": 1, "num_gpus": 1.0, "num_cpus": 0, "threads": 1}
+    assert _read_slots(gpu_node, INGEST_DEFAULTS, res) == 16
+    one = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_actor_cpus": 1})
+    assert one["num_cpus"] == 1 and _read_slots(gpu_node, INGEST_DEFAULTS, one) == 15
+    two = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "actors_per_gpu": 2, "gpu_actor_cpus": 1})
     assert two["size"] == 2 and two["num_gpus"] == 0.5 and _read_slots(gpu_node, INGEST_DEFAULTS, two) == 14
-    # GPU actors that reserve no CPU leave every CPU to the reads
-    free = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_actor_cpus": 0})
-    assert free["num_cpus"] == 0 and _read_slots(gpu_node, INGEST_DEFAULTS, free) == 16
     # an explicit pool size over 4 GPUs: 6 actors -> 2 a GPU, each half a GPU
     four = _embed_resources(Cluster(CPU=64.0, GPU=4.0), {**INGEST_DEFAULTS, "embed_actors": 6})
     assert four["size"] == 6 and four["num_gpus"] == 0.5

@@ -50,7 +50,7 @@ def configure(parser) -> None:
     parser.add_argument("--calls-per-actor", type=int, default=None,
                         help="batches an encoder actor assembles at once (default 2)")
     parser.add_argument("--gpu-actor-cpus", type=float, default=None,
-                        help="Ray CPUs a GPU encoder actor reserves (default 1; 0 lets reads take every CPU)")
+                        help="Ray CPUs a GPU encoder actor reserves (default 0: reads take every CPU)")
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--preload", default="",

@@ -58,7 +58,7 @@ INGEST_DEFAULTS = {
     "actors_per_gpu": 1,      # encoder actors sharing one GPU (each with its own CPU for batch copies)
     "calls_per_actor": 2,     # encoder calls an actor batches at once (the encoder itself runs one at a time)
     "cpus_per_actor": 1,      # CPU actors: Ray CPUs (and torch threads) per actor
-    "gpu_actor_cpus": 1,      # GPU actors: Ray CPUs each reserves (0: reads may take every CPU)
+    "gpu_actor_cpus": 0,      # GPU actors: Ray CPUs each reserves (0: reads may take every CPU; README, bench)
     "read_cpus": 1,           # Ray CPUs per read task
     "tissue": {},             # overrides of gigamamba.slides.tissue.DEFAULTS
 }
@@ -344,6 +344,8 @@ def _warm_ray_data_actors() -> bool:
     and no read task is scheduled until it answers: 3 s of the 5 s between `iter_batches` and the first read
     task on a 2-core machine (a stack sample of the driver). Detached, so once per Ray cluster. Private
     Ray Data API: best effort, False when it is not there (the pipeline works the same, only later).
+    Creating a named detached actor waits on the GCS, which took ~5 s on a fresh 16-core H100 node while
+    Ray's idle workers were still starting: embed_cohort calls this in a thread (_warm_in_background).
     """
     try:
         from ray.data._internal.execution.node_trackers.actor_location import get_or_create_actor_location_tracker
@@ -356,6 +358,14 @@ def _warm_ray_data_actors() -> bool:
     except Exception:  # an API change must never fail an embed
         return False
     return True
+
+
+def _warm_in_background():
+    import threading
+
+    thread = threading.Thread(target=_warm_ray_data_actors, name="ray-data-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _embed_resources(ray, ingest: dict) -> dict:
@@ -505,7 +515,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
 
     ray = _ensure_ray(spec.get("ray") or {})
     _trace(trace_dir, "ray_ready")
-    _warm_ray_data_actors()
+    _warm_in_background()  # Ray Data's helper actors start while the store is opened and the dataset built
     check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
     store = GridStore(spec["store"], mode="a")
     if not overwrite:

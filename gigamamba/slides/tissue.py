@@ -54,8 +54,22 @@ def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     return keep[labels]
 
 
+_DISK_MAX_RADIUS = 8.0  # up to here a disk footprint is quicker than two distance transforms
+
+
+def _disk(radius: float) -> np.ndarray:
+    k = int(np.floor(radius))
+    y, x = np.mgrid[-k : k + 1, -k : k + 1]
+    return x * x + y * y <= radius * radius
+
+
 def _close(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Closing with a disk of `radius` pixels, through distance transforms (linear time in any radius)."""
+    """Closing with a disk of `radius` pixels (all pixels within Euclidean distance `radius`).
+
+    Small radii (the default: 32 um at ~8 um/px is 4 px) use a disk footprint directly; larger ones two
+    distance transforms, linear time in any radius. Both give the same mask (a test checks); the footprint
+    takes 0.11 s instead of 0.29 s on a ~1000 px thumbnail, and planning runs once per slide in a read task.
+    """
     from scipy import ndimage
 
     if radius < 1 or not mask.any():
@@ -63,8 +77,13 @@ def _close(mask: np.ndarray, radius: float) -> np.ndarray:
     pad = int(np.ceil(radius)) + 1
     # Padding keeps tissue that touches the border from being eaten by the erosion step.
     padded = np.pad(mask, pad)
-    dilated = ndimage.distance_transform_edt(~padded) <= radius
-    closed = ndimage.distance_transform_edt(dilated) > radius
+    if radius <= _DISK_MAX_RADIUS:
+        disk = _disk(radius)
+        dilated = ndimage.binary_dilation(padded, structure=disk)
+        closed = ndimage.binary_erosion(dilated, structure=disk, border_value=0)
+    else:
+        dilated = ndimage.distance_transform_edt(~padded) <= radius
+        closed = ndimage.distance_transform_edt(dilated) > radius
     return closed[pad:-pad, pad:-pad] | mask
 
 
@@ -74,9 +93,12 @@ def tissue_mask(rgb: np.ndarray, mask_mpp: float, params: dict | None = None) ->
     from skimage.filters import threshold_otsu
 
     p = {**DEFAULTS, **(params or {})}
-    rgbf = rgb.astype(np.float32)
-    mx, mn = rgbf.max(-1), rgbf.min(-1)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    # HSV saturation (max - min) / max, 0 where max is 0; channel by channel in uint8 (a reduction over
+    # a last axis of 3 in float32 took 0.12 s of a slide's ~0.55 s of planning)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    mn = np.minimum(np.minimum(r, g), b)
+    sat = (mx - mn) / np.maximum(mx, 1.0)
     sat = ndimage.gaussian_filter(sat, max(p["blur_um"] / mask_mpp, 0.5))
     try:
         thr = threshold_otsu(sat) if sat.max() > sat.min() else 1.0
