@@ -381,15 +381,3 @@ def test_an_unknown_encoder_fails_before_any_slide_or_manifest_is_written(cohort
     store = GridStore(cohort / "probe.zarr")
     assert store.complete_slides() == [] and len(store.manifest()) == 0
 
-
-def test_ray_data_helper_actors_are_started_ahead(ray_local):
-    """The warm-up starts the detached actor Ray Data's scheduling loop blocks on; if a Ray upgrade renames
-    it, this fails and says the warm-up no longer does anything."""
-    import ray
-
-    from gigamamba.ingest.pipeline import _warm_ray_data_actors
-
-    assert _warm_ray_data_actors() is True
-    tracker = ray.get_actor("ActorLocationTracker", namespace="ActorLocationTracker")
-    assert ray.get(tracker.get_actor_locations.remote(["x"]), timeout=120) == {"x": None}
-    assert _warm_ray_data_actors() is True  # a second call finds the same actors

@@ -336,38 +336,6 @@ def _ensure_ray(cfg: dict):
     return init_ray(cfg, include_dashboard=False, log_to_driver=False)
 
 
-def _warm_ray_data_actors() -> bool:
-    """Start Ray Data's own helper actors now, so their worker processes come up while the dataset is built.
-
-    Ray Data's scheduling loop asks its detached `ActorLocationTracker` actor where the encoder actors are
-    (a blocking ray.get) before it schedules work. On a fresh Ray that actor's process is only started then,
-    and no read task is scheduled until it answers: 3 s of the 5 s between `iter_batches` and the first read
-    task on a 2-core machine (a stack sample of the driver). Detached, so once per Ray cluster. Private
-    Ray Data API: best effort, False when it is not there (the pipeline works the same, only later).
-    Creating a named detached actor waits on the GCS, which took ~5 s on a fresh 16-core H100 node while
-    Ray's idle workers were still starting: embed_cohort calls this in a thread (_warm_in_background).
-    """
-    try:
-        from ray.data._internal.execution.node_trackers.actor_location import get_or_create_actor_location_tracker
-        from ray.data._internal.stats import get_or_create_stats_actor
-    except ImportError:
-        return False
-    try:
-        get_or_create_actor_location_tracker()  # .remote() of a named actor: returns at once
-        get_or_create_stats_actor()
-    except Exception:  # an API change must never fail an embed
-        return False
-    return True
-
-
-def _warm_in_background():
-    import threading
-
-    thread = threading.Thread(target=_warm_ray_data_actors, name="ray-data-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
 def _embed_resources(ray, ingest: dict) -> dict:
     """Actor pool size and per-actor resources: one GPU per actor where GPUs exist, CPU actors otherwise."""
     resources = ray.cluster_resources()
@@ -515,7 +483,6 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
 
     ray = _ensure_ray(spec.get("ray") or {})
     _trace(trace_dir, "ray_ready")
-    _warm_in_background()  # Ray Data's helper actors start while the store is opened and the dataset built
     check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
     store = GridStore(spec["store"], mode="a")
     if not overwrite:
