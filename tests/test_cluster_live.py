@@ -327,10 +327,16 @@ def test_training_worker_killed_mid_fold(cluster, reference, mlflow_server, shar
 
         wait_until(lambda: marker.exists() and marker.read_text().strip().isdigit(), 400,
                    "rank 0 to hold at epoch 1", proc, poll_s=0.2)
+        _t_marker = time.monotonic()  # TEMP
         wait_until(first_epoch_logged, 120, "the fold's first epoch in MLflow", proc, poll_s=0.2)
         pid = int(marker.read_text())
         assert pid in cluster.processes("RayTrainWorker"), "the holding pid is not a Ray Train worker of this cluster"
-        time.sleep(3)  # let the controller's poll register epoch 0's checkpoint
+        # The fold resumes only from a checkpoint the controller has registered, not merely one rank 0 reported.
+        snapshot = _checkpoint_manager_snapshot(shared, spec, mlflow_server, fold=0)
+        wait_until(lambda: 0 in _registered_epochs(snapshot), 120,
+                   f"the Train controller to register epoch 0's checkpoint in {snapshot}", proc, poll_s=0.2)
+        _t_registered = time.monotonic()  # TEMP
+        Path("/tmp/workerloss_timing.txt").write_text(f"registered {_t_registered - _t_marker:.2f}s after marker, epochs {_registered_epochs(snapshot)}, {snapshot}\n")  # TEMP
         os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -353,6 +359,33 @@ def test_training_worker_killed_mid_fold(cluster, reference, mlflow_server, shar
 
 def _experiment_exists(client) -> bool:
     return client.get_experiment_by_name("cluster-tests") is not None
+
+
+def _checkpoint_manager_snapshot(shared: Path, spec_path: Path, tracking_uri: str, fold: int) -> Path:
+    """Where Ray Train V2's controller keeps the fold's registered checkpoints: the run's storage directory.
+
+    `train.storage_path` (see `pipeline_spec`) / the fold's RunConfig name, which `gigamamba.train.cv` builds as
+    `{name}-{model}-{parent run id[:8]}-fold{k}`. The CheckpointManager (controller side) rewrites
+    `checkpoint_manager_snapshot.json` there each time it registers a checkpoint, and only then.
+    """
+    from gigamamba.spec import load_spec
+
+    spec = load_spec(spec_path)
+    parents, _ = mlflow_runs(tracking_uri, spec["name"])
+    assert len(parents) == 1, f"expected one CV parent run for {spec['name']!r}, got {len(parents)}"
+    run_name = f"{spec['name']}-{spec['model']['name']}-{parents[0].info.run_id[:8]}-fold{fold}"
+    return shared / "ray_results" / run_name / "checkpoint_manager_snapshot.json"
+
+
+def _registered_epochs(snapshot: Path) -> set[int]:
+    """The epochs whose checkpoints the controller has registered (empty until the snapshot is first written)."""
+    import json
+
+    try:
+        state = json.loads(snapshot.read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return set()
+    return {int(r["metrics"]["epoch"]) for r in state.get("checkpoint_results", []) if "epoch" in r.get("metrics", {})}
 
 
 def test_driver_killed_while_embedding(cluster, reference, mlflow_server, shared, cohort_csv):

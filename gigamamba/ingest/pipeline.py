@@ -488,6 +488,9 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     if not overwrite:
         store.reconcile_manifest()
     complete = set() if overwrite else set(store.complete_slides())
+    # ray_ready to the first progress line took 2.0 s in session 5's first H100 call and 4.5-5 s in its later ones
+    # (48 slides, other nodes); this event splits it (check_when_multinode, the store) for the next look
+    _trace(trace_dir, "store_ready")
     todo = [j for j in jobs if j.slide_id not in complete]
     kept = [j.slide_id for j in jobs if j.slide_id in complete]
 
