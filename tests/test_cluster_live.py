@@ -327,7 +327,6 @@ def test_training_worker_killed_mid_fold(cluster, reference, mlflow_server, shar
 
         wait_until(lambda: marker.exists() and marker.read_text().strip().isdigit(), 400,
                    "rank 0 to hold at epoch 1", proc, poll_s=0.2)
-        _t_marker = time.monotonic()  # TEMP
         wait_until(first_epoch_logged, 120, "the fold's first epoch in MLflow", proc, poll_s=0.2)
         pid = int(marker.read_text())
         assert pid in cluster.processes("RayTrainWorker"), "the holding pid is not a Ray Train worker of this cluster"
@@ -335,8 +334,6 @@ def test_training_worker_killed_mid_fold(cluster, reference, mlflow_server, shar
         snapshot = _checkpoint_manager_snapshot(shared, spec, mlflow_server, fold=0)
         wait_until(lambda: 0 in _registered_epochs(snapshot), 120,
                    f"the Train controller to register epoch 0's checkpoint in {snapshot}", proc, poll_s=0.2)
-        _t_registered = time.monotonic()  # TEMP
-        Path("/tmp/workerloss_timing.txt").write_text(f"registered {_t_registered - _t_marker:.2f}s after marker, epochs {_registered_epochs(snapshot)}, {snapshot}\n")  # TEMP
         os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
     finally:
