@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "tiles_per_task": 32,        # tiles per chunk: one read+decode step, one block to the encoder
         "split_slides": False,       # False: one task plans and reads a slide; True: its chunks over many tasks
         "embed_actors": None,        # encoder actor pool size; None: actors_per_gpu per GPU, else CPUs // 4 (>= 1)
-        "actors_per_gpu": 1,         # encoder actors sharing a GPU (fractional num_gpus), each with its own CPU
+        "actors_per_gpu": 1,         # encoder actors sharing a GPU (fractional num_gpus)
         "calls_per_actor": 2,        # batches an encoder actor assembles at once (the encoder runs one at a time)
         "cpus_per_actor": 1,         # CPU-only clusters: Ray CPUs (= torch threads) per encoder actor
         "gpu_actor_cpus": 0,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU)

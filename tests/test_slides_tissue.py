@@ -15,7 +15,9 @@ def _close_by_distance(mask, radius):
     return closed[pad:-pad, pad:-pad] | mask
 
 
-@pytest.mark.parametrize("radius", [1.0, 1.5, 2.5, 3.9, 4.0, 6.3, 8.0])
+@pytest.mark.parametrize("radius", [1.0, 1.5, 2.5, 3.9, 4.0, 6.3, 8.0,
+                                    # float sqrt(n) whose square rounds below n: the disk must still hold n
+                                    *(float(np.sqrt(n)) for n in (13, 18, 26, 29, 37, 52, 61))])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_disk_closing_equals_the_distance_transform_closing(radius, seed):
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """Starting Ray for gigamamba: the one place a local Ray gets our settings, and the preload setting for clusters.
 
 Ray starts one idle worker process per CPU before any work arrives, and runs every task and actor in such a
-process. Each encoder actor and Ray Train worker imports torch before it can do anything: 4-7 s on the
+process. Each encoder actor and Ray Train worker imports torch before it can do anything: 4-6 s on the
 16-core H100/H200 machines (README, `bench ingest` start-up trace), while the GPU waits. (timm, +5.5 s there,
 is no longer needed: the default encoder is plain torch, gigamamba/features/resnet.py.) Ray's
 `preload_python_modules` makes idle workers import them while they wait, so an actor placed on one starts
@@ -10,8 +10,9 @@ in well under a second.
 That pays where Ray outlives a job: cluster nodes (`ray start`, KubeRay, Slurm) set it with the environment
 variable `RAY_preload_python_modules=torch` (cluster/Dockerfile, the Slurm script). For a Ray that a
 command starts for itself it is off by default (`ray.preload_modules: []`): every idle worker, the many
-read tasks' included, then imports torch at once, which delayed the first read by ~8 s on a 16-core H200
-node and bought nothing end to end (README, bench ingest), and costs a laptop memory per worker. Set
+read tasks' included, then imports its preload at once. With torch and timm that delayed the first read by
+~5 s on a 16-core H200 node and bought nothing end to end (README, bench ingest), and it costs a laptop
+memory per worker. Set
 `ray.preload_modules: [torch]` to have it anyway (add timm when encoding with a timm model name).
 """
 

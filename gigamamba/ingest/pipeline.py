@@ -55,7 +55,7 @@ INGEST_DEFAULTS = {
     "tiles_per_task": 32,     # tiles one read task decodes (one Ray Data row)
     "split_slides": False,    # False: one task plans and reads a slide; True: a slide's chunks over many tasks
     "embed_actors": None,     # actor pool size; None: actors_per_gpu per GPU, else max(1, CPUs // 4)
-    "actors_per_gpu": 1,      # encoder actors sharing one GPU (each with its own CPU for batch copies)
+    "actors_per_gpu": 1,      # encoder actors sharing one GPU (fractional num_gpus)
     "calls_per_actor": 2,     # encoder calls an actor batches at once (the encoder itself runs one at a time)
     "cpus_per_actor": 1,      # CPU actors: Ray CPUs (and torch threads) per actor
     "gpu_actor_cpus": 0,      # GPU actors: Ray CPUs each reserves (0: reads may take every CPU; README, bench)
@@ -342,12 +342,15 @@ def _embed_resources(ray, ingest: dict) -> dict:
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     if gpus:
-        # actors_per_gpu > 1 shares a GPU between actors (fractional num_gpus), each with its own CPU for
-        # Ray Data's batching and the host->device copy. On a 16-core H200 node two actors did not beat one
-        # (bench ingest: the steady state is decode-bound, and the second actor takes a read task's CPU).
+        # actors_per_gpu > 1 shares a GPU between actors (fractional num_gpus). On a 16-core H200 node two
+        # actors did not beat one (bench ingest: the steady state is decode-bound, and each actor then held a
+        # CPU a read task could have had). gpu_actor_cpus (default 0) is the Ray CPUs each reserves: an actor
+        # uses ~0.55 of a core for batching and copies, and 16 reads beat 15 on a 16-core H100 node (+7%).
         size = int(ingest.get("embed_actors") or gpus * max(1, int(ingest.get("actors_per_gpu") or 1)))
         share = -(-size // gpus)  # actors per GPU, rounded up
-        cpus = float(ingest.get("gpu_actor_cpus", 1))
+        cpus = float(ingest.get("gpu_actor_cpus") or 0)
+        if cpus < 0:
+            raise ValueError(f"ingest.gpu_actor_cpus must be >= 0, got {cpus}")
         return {"size": size, "num_gpus": 1.0 / share, "num_cpus": cpus, "threads": 1}
     per = max(1, int(ingest.get("cpus_per_actor") or 1))
     size = int(ingest.get("embed_actors") or max(1, cpus // 4))

@@ -60,7 +60,9 @@ _DISK_MAX_RADIUS = 8.0  # up to here a disk footprint is quicker than two distan
 def _disk(radius: float) -> np.ndarray:
     k = int(np.floor(radius))
     y, x = np.mgrid[-k : k + 1, -k : k + 1]
-    return x * x + y * y <= radius * radius
+    # sqrt(d2) <= r, as the distance transform compares, not d2 <= r*r: at r = float(sqrt(13)) r*r rounds
+    # below 13 and the two closings would differ
+    return np.sqrt((x * x + y * y).astype(np.float64)) <= radius
 
 
 def _close(mask: np.ndarray, radius: float) -> np.ndarray:
