@@ -25,7 +25,7 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     res = json.loads(out.read_text())
     b = res["startup_breakdown"]
     chains = [
-        ["ray_ready", "store_ready", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "first_batch",
+        ["ray_ready", "store_ready", "dataset_start", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "first_batch",
          "first_slide_complete", "embed_end"],
         ["actor_init_start", "actor_imports_done", "actor_model_ready", "actor_first_call_start",
          "actor_first_call_done", "first_batch"],

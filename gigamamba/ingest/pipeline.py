@@ -555,6 +555,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         default_block = context.target_max_block_size
         chunk_bytes = int(ingest["tiles_per_task"]) * int(enc["input_px"]) ** 2 * 3
         context.target_max_block_size = max(1 << 20, chunk_bytes * 3 // 2)
+        _trace(trace_dir, "dataset_start")  # store_ready -> here -> dataset_built: where a slow driver start goes
         try:
             ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args, trace_dir)
         finally:
