@@ -18,12 +18,20 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     out = tmp_path / "r.json"
     args = parser.parse_args(["--workdir", str(tmp_path / "w"), "--out", str(out), "--slides", "2",
                               "--size-px", "1536", "--patch-px", "128", "--encoder", "test_resnet",
-                              "--input-px", "32", "--tiles-per-task", "8",
+                              "--input-px", "32", "--tiles-per-task", "8", "--warm-ray-slides", "1",
                               "--skip", "decode", "--skip", "encoder", "--skip", "clam"])
     assert bench.run(args) == 0
     assert TRACE_ENV not in os.environ  # set for the pipeline run only
     res = json.loads(out.read_text())
     b = res["startup_breakdown"]
+    # the untimed warm-up embedded its one slide into its own store; the measured run, both slides into its own
+    from gigamamba.features.store import GridStore
+
+    warm = GridStore(tmp_path / "w" / "store-u2-s1536-warm.zarr")
+    assert res["warm_ray_slides"] == 1 and res["warm_ray_seconds"] > 0 and len(warm.complete_slides()) == 1
+    assert len(GridStore(tmp_path / "w" / "store-u2-s1536.zarr").complete_slides()) == 2
+    text = capsys.readouterr().out
+    assert "Ray warmed by 1 slide(s) first" in text
     chains = [
         ["ray_ready", "store_ready", "dataset_start", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "first_batch",
          "first_slide_complete", "embed_end"],
@@ -54,7 +62,6 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     assert cpu["seconds"] > 0 and cpu["driver"] > 0 and cpu["read"] + cpu["encoder"] > 0, cpu
     assert all(0 <= cpu[k] <= res["cpu"]["cores"] * 1.2 for k in cpu if k != "seconds"), cpu
     assert os.path.isdir(res["trace_dir"]) and os.listdir(res["trace_dir"])
-    text = capsys.readouterr().out
     assert "start-up, seconds after embed_cohort started" in text and "actor_model_ready" in text
 
 
