@@ -384,3 +384,23 @@ def test_an_unknown_encoder_fails_before_any_slide_or_manifest_is_written(cohort
     store = GridStore(cohort / "probe.zarr")
     assert store.complete_slides() == [] and len(store.manifest()) == 0
 
+
+
+def test_start_up_heartbeat_prints_until_stopped(capsys):
+    """The first tiles take 15-20 s on a fresh node: the progress line keeps coming until they do."""
+    import time
+
+    from gigamamba.ingest.pipeline import _Progress
+
+    stop = _Progress(True, 3).heartbeat("waiting for the first tiles", every=0.05)
+    time.sleep(0.3)
+    stop.set()
+    time.sleep(0.15)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "waiting for the first tiles" in ln]
+    assert len(lines) >= 2 and all(ln.startswith("[embed ") for ln in lines)
+    time.sleep(0.2)
+    assert "waiting" not in capsys.readouterr().err  # stopped: nothing more
+    quiet = _Progress(False, 3).heartbeat("x", every=0.01)
+    time.sleep(0.05)
+    quiet.set()
+    assert capsys.readouterr().err == ""

@@ -318,6 +318,21 @@ class _Progress:
         self.last_tile = now
         self.tiles += n
 
+    def heartbeat(self, note: str, every: float = 5.0):
+        """Print `note` with the elapsed time every `every` seconds until the returned event is set."""
+        import threading
+
+        stop = threading.Event()
+        if not self.enabled:
+            return stop
+
+        def beat():
+            while not stop.wait(every):
+                print(f"[embed {time.perf_counter() - self.t0:5.1f}s] {note}", file=sys.stderr, flush=True)
+
+        threading.Thread(target=beat, name="embed-heartbeat", daemon=True).start()
+        return stop
+
     def say(self, force: bool = False, note: str = "") -> None:
         now = time.perf_counter()
         if not self.enabled or (not force and now - self.last < 5):
@@ -565,11 +580,17 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         finished: set[str] = set()
         # One iterator throughout: each iter() of ds.iter_batches(...) would run the whole pipeline again.
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        # Nothing comes back for the first 15-20 s on a fresh 16-core node (Ray's workers, the encoder's
+        # imports): say so every 5 s rather than go quiet
+        waiting = tracker.heartbeat(f"starting: {res['size']} encoder actor(s), up to "
+                                    f"{read_args['compute'].size} read task(s) at once; waiting for the first tiles")
         try:
             batch = next(batches, None)  # Ray Data starts here; the probe runs meanwhile
         except Exception:
             probe.raise_error()  # a bad encoder fails the actors too: report the probe's own error
             raise
+        finally:
+            waiting.set()
         info = begin()
         for n_batch, batch in enumerate(itertools.chain([batch], batches) if batch is not None else ()):
             if n_batch == 0:
