@@ -12,8 +12,8 @@ variable `RAY_preload_python_modules=torch` (cluster/Dockerfile, the Slurm scrip
 command starts for itself it is off by default (`ray.preload_modules: []`): every idle worker, the many
 read tasks' included, then imports its preload at once. With torch and timm that delayed the first read by
 ~5 s on a 16-core H200 node and bought nothing end to end (README, bench ingest), and it costs a laptop
-memory per worker. Set
-`ray.preload_modules: [torch]` to have it anyway (add timm when encoding with a timm model name).
+memory per worker. Set `ray.preload_modules: [torch]` to have it anyway (add timm when encoding with a timm
+model name).
 """
 
 from __future__ import annotations

@@ -158,8 +158,8 @@ def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -
 
 # trace events in startup_breakdown (under their own names); the first occurrence over all processes counts
 _STARTUP_EVENTS = (
-    "ray_ready", "store_ready", "dataset_start", "encoder_probe_done", "dataset_built", "read_task_start", "plan_done", "first_chunk_read",
-    "actor_init_start", "actor_imports_done", "actor_cuda_ready", "actor_model_ready", "actor_first_call_start",
+    "ray_ready", "store_ready", "dataset_start", "encoder_probe_done", "dataset_built", "read_task_start",
+    "plan_done", "first_chunk_read", "actor_init_start", "actor_imports_done", "actor_cuda_ready", "actor_model_ready", "actor_first_call_start",
     "actor_first_call_done", "first_batch", "first_slide_complete", "last_chunk_read", "embed_end",
 )
 # the first actor's and read task's process start and module import: (who, its event, trace field, key suffix)
@@ -313,9 +313,12 @@ def run(args) -> int:
           file=sys.stderr)
     rates = results["tiles_per_s"]
 
+    def decode_ceiling() -> float:  # measured before the pipeline and again after it
+        return bench_decode(plans, args.input_px, args.tiles_per_task, os.cpu_count() or 1,
+                            min_seconds=args.decode_seconds, repeats=2)
+
     if "decode" not in args.skip:
-        rates["decode_ceiling"] = bench_decode(plans, args.input_px, args.tiles_per_task, os.cpu_count() or 1,
-                                               min_seconds=args.decode_seconds, repeats=2)
+        rates["decode_ceiling"] = decode_ceiling()
         results.setdefault("load_avg_1m_at", {})["decode_ceiling"] = _load()
         print(f"decode ceiling ({os.cpu_count()} processes): {rates['decode_ceiling']:.1f} tiles/s", file=sys.stderr)
 
@@ -423,9 +426,7 @@ def run(args) -> int:
         # again after the pipeline: a machine that slowed down (or sped up) meanwhile shows here, and the
         # ceiling the fraction is taken of is the higher of the two
         before = rates["decode_ceiling"]
-        rates["decode_ceiling_after_pipeline"] = bench_decode(plans, args.input_px, args.tiles_per_task,
-                                                              os.cpu_count() or 1, min_seconds=args.decode_seconds,
-                                                              repeats=2)
+        rates["decode_ceiling_after_pipeline"] = decode_ceiling()
         rates["decode_ceiling_before_pipeline"] = before
         results.setdefault("load_avg_1m_at", {})["decode_ceiling_after_pipeline"] = _load()
         rates["decode_ceiling"] = max(before, rates["decode_ceiling_after_pipeline"])
@@ -505,7 +506,7 @@ def _startup_table(b: dict) -> str:
                      + (f", {b['actor_gap_seconds_median'] * 1e3:.1f} ms between calls"
                         if "actor_gap_seconds_median" in b else ""))
     if "decode_rate_after_first_batch" in b:
-        lines.append(f"  decoding, tiles/s: {b['decode_rate_to_first_batch']:.0f} from the first chunk to the first batch, "
-                     f"{b['decode_rate_after_first_batch']:.0f} from then to the last chunk")
+        lines.append(f"  decoding, tiles/s: {b['decode_rate_to_first_batch']:.0f} from the first chunk to the first "
+                     f"batch, {b['decode_rate_after_first_batch']:.0f} from then to the last chunk")
     lines.append(f"  actors {b.get('actors', 0)}, read processes {b.get('read_processes', 0)}")
     return "\n".join(lines)

@@ -363,10 +363,10 @@ def _embed_resources(ray, ingest: dict) -> dict:
         # uses ~0.55 of a core for batching and copies, and 16 reads beat 15 on a 16-core H100 node (+7%).
         size = int(ingest.get("embed_actors") or gpus * max(1, int(ingest.get("actors_per_gpu") or 1)))
         share = -(-size // gpus)  # actors per GPU, rounded up
-        cpus = float(ingest.get("gpu_actor_cpus") or 0)
-        if cpus < 0:
-            raise ValueError(f"ingest.gpu_actor_cpus must be >= 0, got {cpus}")
-        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": cpus, "threads": 1}
+        actor_cpus = float(ingest.get("gpu_actor_cpus") or 0)
+        if actor_cpus < 0:
+            raise ValueError(f"ingest.gpu_actor_cpus must be >= 0, got {actor_cpus}")
+        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": actor_cpus, "threads": 1}
     per = max(1, int(ingest.get("cpus_per_actor") or 1))
     size = int(ingest.get("embed_actors") or max(1, cpus // 4))
     return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": per}
@@ -487,8 +487,9 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     _trace(trace_dir, "embed_start")
     enc = encoder_spec(spec)
     # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
-    # weights is a spec error). Its imports (torch: ~4 s on a 16-core H100 node; timm too for a timm model name) overlap Ray's start-up,
-    # Ray Data's and the first reads instead of preceding them; it is joined when the first batch is back.
+    # weights is a spec error). Its imports (torch: ~4 s on a 16-core H100 node; timm too for a timm model
+    # name) overlap Ray's start-up, Ray Data's and the first reads instead of preceding them; it is joined
+    # when the first batch is back.
     probe = _EncoderProbe(enc)
 
     import pandas as pd
@@ -506,8 +507,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     if not overwrite:
         store.reconcile_manifest()
     complete = set() if overwrite else set(store.complete_slides())
-    # ray_ready to the first progress line took 2.0 s in session 5's first H100 call and 4.5-5 s in its later ones
-    # (48 slides, other nodes); this event splits it (check_when_multinode, the store) for the next look
+    # ray_ready to the first progress line took 2.0 s in session 5's first H100 call and 4.4-5 s in its
+    # later ones (48 slides, other nodes); this event splits it (check_when_multinode, the store)
     _trace(trace_dir, "store_ready")
     todo = [j for j in jobs if j.slide_id not in complete]
     kept = [j.slide_id for j in jobs if j.slide_id in complete]
