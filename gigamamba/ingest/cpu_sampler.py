@@ -111,7 +111,7 @@ class CpuSampler:
             sample = {"t": t, "seconds": dt, **{k: 0.0 for k in KINDS}}
             for pid, (title, ticks) in now.items():
                 before = prev.get(pid)
-                used = ticks - (before[1] if before else 0) if before else 0  # new processes: from next sample
+                used = ticks - before[1] if before else 0  # a new process counts from the next sample
                 if used > 0:
                     # the title now: a worker that switched tasks mid-interval is counted as its new task
                     sample[classify(title, pid, self._driver)] += used / self.hz / dt
