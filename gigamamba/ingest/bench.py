@@ -51,6 +51,8 @@ def configure(parser) -> None:
                         help="batches an encoder actor assembles at once (default 2)")
     parser.add_argument("--gpu-actor-cpus", type=float, default=None,
                         help="Ray CPUs a GPU encoder actor reserves (default 0: reads take every CPU)")
+    parser.add_argument("--read-cpus", type=float, default=None,
+                        help="Ray CPUs a read task reserves (default 1); below 1 runs more read tasks than cores")
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--preload", default="",
@@ -367,6 +369,8 @@ def run(args) -> int:
             ingest["gpu_actor_cpus"] = args.gpu_actor_cpus
         if args.calls_per_actor:
             ingest["calls_per_actor"] = args.calls_per_actor
+        if args.read_cpus is not None:
+            ingest["read_cpus"] = args.read_cpus
         spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,
                              "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
                                          "batch_size": batch_size},

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from gigamamba.cluster.shared_state import check_when_multinode
+from gigamamba.features.probe import EncoderProbe
 from gigamamba.features.store import GridStore
 from gigamamba.ingest.plan import SlideJob, SlidePlan, failure, plan_slide, read_slide_jobs, tile_chunks
 from gigamamba.slides.reader import SlideError
@@ -438,36 +439,6 @@ def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, 
     return ds
 
 
-class _EncoderProbe:
-    """create_encoder(..., device="meta").info() in a thread; info() waits for it and re-raises its error."""
-
-    def __init__(self, enc: dict):
-        import threading
-
-        self._info: dict | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(enc,), name="encoder-probe", daemon=True)
-        self._thread.start()
-
-    def _run(self, enc: dict) -> None:
-        try:
-            from gigamamba.features.encoders import create_encoder
-
-            self._info = create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="meta").info()
-        except BaseException as exc:  # re-raised in the caller's thread by info()
-            self._error = exc
-
-    def info(self) -> dict:
-        self.raise_error()
-        return self._info
-
-    def raise_error(self) -> None:
-        """Wait for the probe; raise its error if it failed."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_slide=None):
     """Embed every slide of spec["cohort"]["csv"] into the store spec["store"]; return the manifest.
 
@@ -488,9 +459,10 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     enc = encoder_spec(spec)
     # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
     # weights is a spec error). Its imports (torch: ~4 s on a 16-core H100 node; timm too for a timm model
-    # name) overlap Ray's start-up, Ray Data's and the first reads instead of preceding them; it is joined
-    # when the first batch is back.
-    probe = _EncoderProbe(enc)
+    # name) overlap Ray's start-up, Ray Data's and the first reads instead of preceding them, in a child
+    # process unless torch is already imported (features/probe.py says why); it is joined when the first
+    # batch is back.
+    probe = EncoderProbe(enc)
 
     import pandas as pd
     import ray.data
