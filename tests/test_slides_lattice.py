@@ -83,3 +83,29 @@ def test_20x_and_40x_scans_give_the_same_grid(tmp_path):
     x20, y20 = l20.cell_to_level0(2, 3)
     x40, y40 = l40.cell_to_level0(2, 3)
     assert (x40, y40) == (2 * x20, 2 * y20)
+
+
+def _tissue_fraction_reference(mask, level0_size, stride):
+    """tissue_fraction with the cumulative sum over every mask column (it now samples only those it needs)."""
+    from gigamamba.slides.lattice import _area_sums
+
+    w0, h0 = level0_size
+    h, w = mask.shape
+    sx, sy = w0 / w, h0 / h
+    n_cols, n_rows = int(np.ceil(w0 / stride)), int(np.ceil(h0 / stride))
+    cum_x = np.concatenate([np.zeros((h, 1)), np.cumsum(mask, axis=1, dtype=np.float64)], axis=1)
+    cols = _area_sums(cum_x, np.arange(n_cols + 1) * stride / sx, axis=1)
+    cum_y = np.concatenate([np.zeros((1, n_cols)), np.cumsum(cols, axis=0)], axis=0)
+    cells = _area_sums(cum_y, np.arange(n_rows + 1) * stride / sy, axis=0)
+    return cells / ((stride / sx) * (stride / sy))
+
+
+def test_tissue_fraction_equals_the_full_cumulative_sum():
+    rng = np.random.default_rng(0)
+    for k in range(60):
+        h, w = (int(s) for s in rng.integers(1, 200, 2))
+        mask = rng.random((h, w)) > rng.uniform(0.2, 0.9)
+        level0 = (int(w * rng.uniform(0.5, 40)) + 1, int(h * rng.uniform(0.5, 40)) + 1)
+        stride = [224.0, 448.0, float(rng.uniform(0.3, 3)), float(rng.uniform(3, 500))][k % 4]
+        assert np.array_equal(tissue_fraction(mask, level0, stride),
+                              _tissue_fraction_reference(mask, level0, stride)), (h, w, level0, stride)

@@ -54,18 +54,43 @@ class Lattice:
                 "grid_shape": [int(self.shape[0]), int(self.shape[1])]}
 
 
-def _area_sums(cum: np.ndarray, edges: np.ndarray, axis: int) -> np.ndarray:
-    """Integral of a piecewise-constant signal between fractional `edges`, from its cumulative sum."""
-    n = cum.shape[axis] - 1
-    e = np.clip(edges, 0, n)
-    lo = np.minimum(np.floor(e).astype(np.int64), n - 1 if n > 0 else 0)
+def _area_sums(cum: np.ndarray, edges: np.ndarray, axis: int, index: np.ndarray | None = None) -> np.ndarray:
+    """Integral of a piecewise-constant signal between fractional `edges`, from its cumulative sum.
+
+    `cum` holds the cumulative sum at 0..n along `axis`; or, given `index` (sorted, ending at n), only at
+    those positions, which must include the samples `_edge_samples` names.
+    """
+    n = cum.shape[axis] - 1 if index is None else int(index[-1])
+    e, lo, hi = _edge_samples(edges, n)
     frac = e - lo
+    if index is not None:
+        lo, hi = np.searchsorted(index, lo), np.searchsorted(index, hi)
     a = np.take(cum, lo, axis=axis)
-    b = np.take(cum, np.minimum(lo + 1, n), axis=axis)
+    b = np.take(cum, hi, axis=axis)
     shape = [1] * cum.ndim
     shape[axis] = -1
     at = a + frac.reshape(shape) * (b - a)
     return np.diff(at, axis=axis)
+
+
+def _edge_samples(edges: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(edges clipped to [0, n], the cumulative-sum sample below each, the one above)."""
+    e = np.clip(edges, 0, n)
+    lo = np.minimum(np.floor(e).astype(np.int64), n - 1 if n > 0 else 0)
+    return e, lo, np.minimum(lo + 1, n)
+
+
+def _column_cumsum_at(mask: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Per-row count of mask pixels left of each column in `cols` (sorted, distinct, from 0 to w).
+
+    Only the columns next to a lattice edge are needed, not all w + 1 cumulative columns: sum the runs
+    between them (np.add.reduceat) and accumulate those. The counts are integers, so as float64 they are
+    the very values a cumulative sum over all columns gives.
+    """
+    runs = np.add.reduceat(mask, cols[:-1], axis=1, dtype=np.int32)
+    out = np.zeros((mask.shape[0], len(cols)), np.float64)
+    np.cumsum(runs, axis=1, out=out[:, 1:])
+    return out
 
 
 def tissue_fraction(mask: np.ndarray, level0_size: tuple[int, int], stride: float) -> np.ndarray:
@@ -79,8 +104,10 @@ def tissue_fraction(mask: np.ndarray, level0_size: tuple[int, int], stride: floa
     h, w = mask.shape
     sx, sy = w0 / w, h0 / h  # level-0 px per mask px
     n_cols, n_rows = math.ceil(w0 / stride), math.ceil(h0 / stride)
-    cum_x = np.concatenate([np.zeros((h, 1)), np.cumsum(mask, axis=1, dtype=np.float64)], axis=1)
-    cols = _area_sums(cum_x, np.arange(n_cols + 1) * stride / sx, axis=1)  # (h, n_cols)
+    x_edges = np.arange(n_cols + 1) * stride / sx
+    _, lo, hi = _edge_samples(x_edges, w)
+    at = np.union1d(np.concatenate([lo, hi]), [0, w])
+    cols = _area_sums(_column_cumsum_at(mask, at), x_edges, axis=1, index=at)  # (h, n_cols)
     cum_y = np.concatenate([np.zeros((1, n_cols)), np.cumsum(cols, axis=0)], axis=0)
     cells = _area_sums(cum_y, np.arange(n_rows + 1) * stride / sy, axis=0)  # (n_rows, n_cols)
     return cells / ((stride / sx) * (stride / sy))
