@@ -33,8 +33,9 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     text = capsys.readouterr().out
     assert "Ray warmed by 1 slide(s) first" in text
     chains = [
-        ["ray_ready", "store_ready", "dataset_start", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "first_batch",
-         "first_slide_complete", "embed_end"],
+        ["ray_ready", "multinode_checked", "store_opened", "store_ready", "dataset_start", "dataset_built",
+         "read_task_start", "plan_done", "first_chunk_read", "first_batch", "first_slide_complete", "embed_end"],
+        ["zarr_imported", "store_opened"],  # the import thread is joined before the store opens
         ["actor_init_start", "actor_imports_done", "actor_model_ready", "actor_first_call_start",
          "actor_first_call_done", "first_batch"],
     ]
