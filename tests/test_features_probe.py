@@ -34,3 +34,15 @@ def test_a_child_that_dies_is_reported_with_the_encoder_name(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")  # exits 1 at once, prints nothing
     with pytest.raises(RuntimeError, match="resnet50-trunc.*died before answering"):
         EncoderProbe(ENC, process=True).info()
+
+
+def test_the_child_checks_before_info_is_called():
+    """The spec goes to the child at construction: the check runs beside the caller, not when it waits."""
+    import time
+
+    probe = EncoderProbe(ENC, process=True)
+    deadline = time.monotonic() + 300  # generous: torch's import on a loaded 2-core machine
+    while probe._proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert probe._proc.poll() == 0  # done and exited without anyone reading its answer yet
+    assert probe.info()["dim"] == 1024

@@ -73,6 +73,14 @@ class EncoderProbe:
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True)
             weakref.finalize(self, _reap, self._proc)  # never leave the child behind if info() is not called
+            # The spec goes in now, not in info(): the child reads it before it imports anything heavy, so
+            # written only when info() waits, the whole check would run then, after Ray's start-up instead
+            # of beside it. A few hundred bytes: the pipe takes them without blocking.
+            try:
+                self._proc.stdin.write(json.dumps(self._enc))
+                self._proc.stdin.close()
+            except OSError:  # the child is already gone: info() reports it
+                pass
         else:
             self._thread = threading.Thread(target=self._run_thread, name="encoder-probe", daemon=True)
             self._thread.start()
@@ -84,7 +92,8 @@ class EncoderProbe:
             self._error = exc
 
     def _wait_process(self) -> None:
-        out, err = self._proc.communicate(json.dumps(self._enc))
+        self._proc.stdin = None  # written and closed at construction
+        out, err = self._proc.communicate()
         lines = [ln[len(_MARK):] for ln in out.splitlines() if ln.startswith(_MARK)]
         if not lines:
             tail = " ".join(err.strip().splitlines()[-3:]) or f"exit status {self._proc.returncode}"
