@@ -363,6 +363,10 @@ def test_encoder_actors_share_gpus_and_leave_cpus_for_reads():
     assert _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_actor_cpus": None})["num_cpus"] == 0  # YAML null
     with pytest.raises(ValueError, match="gpu_actor_cpus"):
         _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_actor_cpus": -1})
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="read_cpus"):
+            _read_slots(gpu_node, {**INGEST_DEFAULTS, "read_cpus": bad}, one)
+    assert _read_slots(gpu_node, {**INGEST_DEFAULTS, "read_cpus": 0.5}, res) == 32  # more read tasks than cores
     two = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "actors_per_gpu": 2, "gpu_actor_cpus": 1})
     assert two["size"] == 2 and two["num_gpus"] == 0.5 and _read_slots(gpu_node, INGEST_DEFAULTS, two) == 14
     # an explicit pool size over 4 GPUs: 6 actors -> 2 a GPU, each half a GPU

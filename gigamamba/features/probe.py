@@ -2,12 +2,16 @@
 
 `embed_cohort` checks the encoder (name, weights) before it writes anything, and wants the check to overlap
 Ray's start-up rather than precede it. The check imports torch (~4 s on a 16-core H100 node). Done in a
-thread of the driver, that import held the GIL and Python's import locks while the driver imported Ray
-Data and Zarr, opened the store and built the dataset: on this 2-core machine `import pandas, ray.data`
-went from 1.5 s to 4.7 s beside it, and on the H100 node ray_ready -> dataset_built took 6.3 s. So when
-torch is not imported yet, the probe runs in a child process (same interpreter and sys.path), which
-costs a core for a few seconds but no time on the driver's path. When torch is already imported (a
-second run in the same process, the tests) a thread is cheaper and takes no import locks of note.
+thread of the driver, that import holds the GIL and Python's import locks while the driver imports Ray
+Data and Zarr, opens the store and builds the dataset: on the 2-core machine `import pandas, ray.data`
+went from 1.5 s to 4.7 s beside it. So when torch is not imported yet (a fresh `gigamamba embed`), the
+check runs in a child process of the same interpreter and sys.path, which costs a core for a few seconds
+but no time on the driver's path. When torch is already imported (a second run in one process, the
+benchmark, the tests) a thread is cheaper and takes no import locks of note.
+
+The child gets the spec on its command line and writes its answer to a file: no pipes, so nothing it or a
+library prints can fill a pipe and stall it. If the child cannot start or dies without answering, the check
+runs again here, so its own error (or its success) is what the caller sees.
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import weakref
-
-_MARK = "GIGAMAMBA-PROBE "  # the result line, told apart from anything a library prints
 
 
 def _probe(enc: dict) -> dict:
@@ -29,25 +32,30 @@ def _probe(enc: dict) -> dict:
     return create_encoder(enc["name"], enc["weights"], int(enc["input_px"]), device="meta").info()
 
 
-def _rebuild_error(kind: str, message: str) -> BaseException:
+def _rebuild_error(error: dict, name: str) -> BaseException:
     """The child's exception as the same type where that type is ours or a builtin, else a RuntimeError."""
     from gigamamba.features.encoders import EncoderError
 
-    if kind == "EncoderError":
+    kind, module, message = error["type"], error.get("module"), error["message"]
+    if (module, kind) == (EncoderError.__module__, "EncoderError"):
         return EncoderError(message)
-    cls = getattr(builtins, kind, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
+    cls = getattr(builtins, kind, None) if module == "builtins" else None
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, KeyError):
+        try:  # KeyError is left out: its str() is already quoted, and rebuilt it would be quoted twice
             return cls(message)
         except TypeError:  # an exception type whose constructor wants other arguments
             pass
-    return RuntimeError(f"encoder check failed: {kind}: {message}")
+    return RuntimeError(f"encoder {name!r}: the check failed with {module}.{kind}: {message}")
 
 
-def _reap(proc: subprocess.Popen) -> None:
+def _reap(proc: subprocess.Popen, answer: str) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+    try:
+        os.unlink(answer)
+    except OSError:
+        pass
 
 
 class EncoderProbe:
@@ -66,24 +74,27 @@ class EncoderProbe:
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
         if process:
-            env = dict(os.environ)
-            # the child sees this interpreter's sys.path, as multiprocessing's spawn would give it
-            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-            self._proc = subprocess.Popen([sys.executable, "-m", "gigamamba.features.probe"], env=env,
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True)
-            weakref.finalize(self, _reap, self._proc)  # never leave the child behind if info() is not called
-            # The spec goes in now, not in info(): the child reads it before it imports anything heavy, so
-            # written only when info() waits, the whole check would run then, after Ray's start-up instead
-            # of beside it. A few hundred bytes: the pipe takes them without blocking.
-            try:
-                self._proc.stdin.write(json.dumps(self._enc))
-                self._proc.stdin.close()
-            except OSError:  # the child is already gone: info() reports it
-                pass
-        else:
+            self._proc = self._start_child()
+        if self._proc is None:
             self._thread = threading.Thread(target=self._run_thread, name="encoder-probe", daemon=True)
             self._thread.start()
+
+    def _start_child(self) -> subprocess.Popen | None:
+        fd, self._answer = tempfile.mkstemp(prefix="gigamamba-probe-", suffix=".json")
+        os.close(fd)
+        env = dict(os.environ)
+        # the child sees this interpreter's sys.path, as multiprocessing's spawn would give it
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.pathsep not in p)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "gigamamba.features.probe", json.dumps(self._enc),
+                                     self._answer], env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:  # no usable interpreter (an embedded or frozen Python): a thread does the check
+            os.unlink(self._answer)
+            return None
+        # never leave the child or its answer file behind, even if info() is never called
+        self._cleanup = weakref.finalize(self, _reap, proc, self._answer)
+        return proc
 
     def _run_thread(self) -> None:
         try:
@@ -92,16 +103,17 @@ class EncoderProbe:
             self._error = exc
 
     def _wait_process(self) -> None:
-        self._proc.stdin = None  # written and closed at construction
-        out, err = self._proc.communicate()
-        lines = [ln[len(_MARK):] for ln in out.splitlines() if ln.startswith(_MARK)]
-        if not lines:
-            tail = " ".join(err.strip().splitlines()[-3:]) or f"exit status {self._proc.returncode}"
-            self._error = RuntimeError(f"encoder check of {self._enc['name']!r} died before answering: {tail}")
-            return
-        result = json.loads(lines[-1])
-        if "error" in result:
-            self._error = _rebuild_error(result["error"]["type"], result["error"]["message"])
+        self._proc.wait()
+        try:
+            with open(self._answer) as f:
+                result = json.load(f)
+        except (OSError, ValueError):  # the child died before answering: check here, for the real answer
+            result = None
+        self._cleanup()
+        if result is None:
+            self._run_thread()
+        elif "error" in result:
+            self._error = _rebuild_error(result["error"], self._enc["name"])
         else:
             self._info = result["info"]
 
@@ -121,15 +133,19 @@ class EncoderProbe:
             raise self._error
 
 
-def main() -> int:
-    enc = json.loads(sys.stdin.read())
+def main(argv: list[str]) -> int:
+    """`python -m gigamamba.features.probe SPEC_JSON ANSWER_PATH`: the check, its answer written to the file."""
+    enc, answer = json.loads(argv[0]), argv[1]
     try:
         result = {"info": _probe(enc)}
     except Exception as exc:
-        result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    print(_MARK + json.dumps(result), flush=True)
+        result = {"error": {"type": type(exc).__name__, "module": type(exc).__module__, "message": str(exc)}}
+    tmp = answer + ".part"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, answer)  # whole or absent: a reader never sees half an answer
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

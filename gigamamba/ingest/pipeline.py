@@ -383,9 +383,12 @@ def _read_slots(ray, ingest: dict, res: dict) -> int:
     A read task that plans and reads a whole slide holds its CPU for seconds; with every CPU taken by
     reads, the encoder actor could not even start until a slide finished, and the GPU would sit idle.
     """
+    per = float(ingest["read_cpus"])
+    if not per > 0:  # 0 would ask Ray for unbounded read tasks; NaN and negatives are typos
+        raise ValueError(f"ingest.read_cpus must be > 0, got {ingest['read_cpus']}")
     cpus = float(ray.cluster_resources().get("CPU", 1))
     free = cpus - res["size"] * res["num_cpus"]
-    return max(1, int(free // max(float(ingest["read_cpus"]), 1e-9)))
+    return max(1, int(free // per))
 
 
 def _file_size(path: str) -> int:
