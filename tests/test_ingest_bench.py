@@ -82,3 +82,17 @@ def test_decode_ceiling_decodes_for_at_least_the_asked_time_twice(tmp_path):
     rate = bench.bench_decode(plans, 32, 8, processes=1, min_seconds=0.75, repeats=2)
     assert time.perf_counter() - t0 >= 1.5
     assert rate > 0
+
+
+def test_the_table_warns_when_the_decode_ceiling_moved_during_the_run():
+    """A node whose CPUs slowed between the two ceiling passes: the fraction is flagged, not silently low."""
+    from gigamamba.ingest.bench import _table
+
+    res = {"slides": 288, "tiles": 400896, "tiles_per_slide": 1392, "encoder": "resnet50-trunc", "input_px": 224,
+           "batch_size": 256, "machine": {"cpu": "Xeon", "cores": 16},
+           "tiles_per_s": {"end_to_end": 3075.0, "decode_ceiling": 5392.9, "decode_ceiling_before_pipeline": 5392.9,
+                           "decode_ceiling_after_pipeline": 3742.0},
+           "fraction_of_lower_ceiling": 0.57}
+    assert "WARNING: the decode ceiling moved -31%" in _table(res)
+    res["tiles_per_s"]["decode_ceiling_after_pipeline"] = 5300.0  # within 2%: no warning
+    assert "WARNING" not in _table(res)
