@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,14 +49,11 @@ def _rebuild_error(error: dict, name: str) -> BaseException:
     return RuntimeError(f"encoder {name!r}: the check failed with {module}.{kind}: {message}")
 
 
-def _reap(proc: subprocess.Popen, answer: str) -> None:
+def _reap(proc: subprocess.Popen, folder: str) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-    try:
-        os.unlink(answer)
-    except OSError:
-        pass
+    shutil.rmtree(folder, ignore_errors=True)  # the answer, and its .part if the child was killed writing it
 
 
 class EncoderProbe:
@@ -80,20 +78,27 @@ class EncoderProbe:
             self._thread.start()
 
     def _start_child(self) -> subprocess.Popen | None:
-        fd, self._answer = tempfile.mkstemp(prefix="gigamamba-probe-", suffix=".json")
-        os.close(fd)
-        env = dict(os.environ)
-        # the child sees this interpreter's sys.path, as multiprocessing's spawn would give it
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.pathsep not in p)
+        # A Path or a numpy int in a spec made in Python: as str, as the thread's check would take them
+        spec = json.dumps(self._enc, default=str)
+        folder = None
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "gigamamba.features.probe", json.dumps(self._enc),
-                                     self._answer], env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        except OSError:  # no usable interpreter (an embedded or frozen Python): a thread does the check
-            os.unlink(self._answer)
+            # A private folder: the answer's path is on the child's command line, and a name that others can
+            # see in a shared /tmp (the answer's .part) could be planted there first, as a link
+            folder = tempfile.mkdtemp(prefix="gigamamba-probe-")
+            self._answer = os.path.join(folder, "answer.json")
+            env = dict(os.environ)
+            # The child sees this interpreter's sys.path ('' is the working directory), as multiprocessing's
+            # spawn would give it; -P: not the working directory ahead of it too, as `python -m` would put it
+            env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path if os.pathsep not in p)
+            proc = subprocess.Popen([sys.executable, "-P", "-m", "gigamamba.features.probe", spec, self._answer],
+                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        except OSError:  # no usable interpreter (an embedded or frozen Python), no temp folder: a thread checks
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
             return None
-        # never leave the child or its answer file behind, even if info() is never called
-        self._cleanup = weakref.finalize(self, _reap, proc, self._answer)
+        # never leave the child or its answer behind, even if info() is never called
+        self._cleanup = weakref.finalize(self, _reap, proc, folder)
         return proc
 
     def _run_thread(self) -> None:
