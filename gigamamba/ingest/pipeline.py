@@ -322,8 +322,6 @@ class _Progress:
 
     def heartbeat(self, note: str, every: float = 5.0):
         """Print `note` with the elapsed time every `every` seconds until the returned event is set."""
-        import threading
-
         stop = threading.Event()
         if not self.enabled:
             return stop
