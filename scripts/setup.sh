@@ -4,6 +4,16 @@
 set -euo pipefail
 VENV=${GIGAMAMBA_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
+  # A new environment takes about 7 GiB (torch and its CUDA libraries). On a fuller disk pip fails halfway
+  # with "No space left on device" (a CI run did): say so before starting, with the way out.
+  parent=$(dirname "$VENV")
+  while [ ! -d "$parent" ]; do parent=$(dirname "$parent"); done  # the folder venv will create it in
+  free_kib=$(df -Pk "$parent" 2>/dev/null | awk 'NR == 2 {print $4}')
+  if [ -n "$free_kib" ] && [ "$free_kib" -lt $((8 * 1024 * 1024)) ]; then
+    echo "setup: only $((free_kib / 1024)) MiB free on the disk of $parent; the environment needs about 8 GiB" \
+         "(torch and its CUDA libraries): free some space, or set GIGAMAMBA_VENV to a folder on a larger disk" >&2
+    exit 1
+  fi
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip

@@ -33,6 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--budget", type=float, default=3.0, help="stop timing a measurement after this many s")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also give each CUDA case's fwd+bwd time per GPU kernel (torch.profiler over 5 calls): "
+                             "which pass a kernel change moved")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -158,6 +161,48 @@ def _peak_extra(fn, device, timer) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def kernel_label(name: str) -> str:
+    """A profiler kernel name without its return type and parameter list, template arguments kept
+    (`fwd_tile_kernel<float, 4>` is the wavefront forward, `<float, 3>` backward's dz pass)."""
+    name = name.strip()
+    if name.startswith("void "):
+        name = name[5:]
+    depth = 0
+    for k, ch in enumerate(name):  # cut at the first "(" outside template brackets
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0:
+            name = name[:k].rstrip()
+            break
+    return name if len(name) <= 70 else name[:67] + "..."
+
+
+def per_kernel_ms(events, calls: int) -> dict[str, float]:
+    """Device ms per call of each GPU kernel, largest first, from profiler events over `calls` calls."""
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        label = kernel_label(e.name)
+        totals[label] = totals.get(label, 0.0) + e.device_time_total / 1e3 / calls
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_breakdown(fn, x, calls: int = 5) -> dict[str, float]:
+    """fn(x) under torch.profiler (after one untraced call): device ms per call, per kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+    return per_kernel_ms(prof.events(), calls)
+
+
 def bench_case(impl, b, h, w, d, n, dtype, device, args, timer):
     fn = _impl(impl)
     n_sets = 1 if impl == "ref" else 3
@@ -183,9 +228,12 @@ def bench_case(impl, b, h, w, d, n, dtype, device, args, timer):
 
     both_ms, both_runs = timer.measure(fwd_bwd, bwd_sets, iters, warm, args.budget, min_runs)
     both_peak = _peak_extra(lambda: fwd_bwd(bwd_sets[0]), device, timer)
+    kernels = None
+    if getattr(args, "kernels", False) and device.type == "cuda" and impl.startswith("cuda"):
+        kernels = kernel_breakdown(fwd_bwd, bwd_sets[0])
     del bwd_sets
     return dict(fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, runs=[fwd_runs, both_runs], fwd_peak_mib=fwd_peak,
-                fwd_bwd_peak_mib=both_peak)
+                fwd_bwd_peak_mib=both_peak, kernels_fwd_bwd_ms=kernels)
 
 
 def run(args) -> int:
@@ -237,6 +285,15 @@ def run(args) -> int:
                         row["speedup_fwd_bwd"] = base["fwd_bwd_ms"] / res["fwd_bwd_ms"]
                 rows.append(row)
                 _print_row(row, header=len(rows) == 1)
+    if getattr(args, "kernels", False):
+        if not cuda:
+            print("\n--kernels: the per-kernel breakdown needs CUDA; none here")
+        for r in rows:
+            if r.get("kernels_fwd_bwd_ms"):
+                print(f"\nfwd+bwd per kernel, {r['grid']} B={r['batch']} {r['dtype']} {r['impl']} "
+                      f"(ms per call; the table's fwd+bwd: {r['fwd_bwd_ms']:.3f})")
+                for label, ms in r["kernels_fwd_bwd_ms"].items():
+                    print(f"  {ms:8.3f}  {label}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
