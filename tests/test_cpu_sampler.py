@@ -23,6 +23,7 @@ from gigamamba.ingest.cpu_sampler import CpuSampler, classify, table
     ("/site/ray/core/src/ray/raylet/raylet --node_ip_address=127.0.0.1", "ray_daemons"),
     ("ray::SomethingElse", "ray_other_worker"),
     ("/usr/bin/python3 -c pass", "other"),
+    ("/usr/bin/python3 -P -m gigamamba.features.probe {} /tmp/x/answer.json", "driver"),
 ])
 def test_classify(title, kind):
     assert classify(title, pid=2, driver_pid=1) == kind

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import sys
 
 import pytest
 
@@ -16,14 +17,24 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     parser = argparse.ArgumentParser()
     bench.configure(parser)
     out = tmp_path / "r.json"
+    # The pipeline runs in a child interpreter; it joins this session's Ray instead of starting its own
+    address = ray_local.get_runtime_context().gcs_address
     args = parser.parse_args(["--workdir", str(tmp_path / "w"), "--out", str(out), "--slides", "2",
                               "--size-px", "1536", "--patch-px", "128", "--encoder", "test_resnet",
                               "--input-px", "32", "--tiles-per-task", "8", "--warm-ray-slides", "1",
-                              "--skip", "decode", "--skip", "encoder", "--skip", "clam"])
+                              "--address", address, "--skip", "decode", "--skip", "encoder", "--skip", "clam"])
     assert bench.run(args) == 0
-    assert TRACE_ENV not in os.environ  # set for the pipeline run only
+    assert TRACE_ENV not in os.environ  # set in the pipeline's process only
     res = json.loads(out.read_text())
     b = res["startup_breakdown"]
+    # measured as a fresh `gigamamba embed` runs: in a new interpreter with torch not imported before
+    # embed_cohort, so the encoder check took the child-process path; the bench's own process had imported it
+    assert "torch" in sys.modules
+    assert res["pipeline_process"] == "fresh" and res["torch_imported_before_embed"] is False
+    assert res["preload_modules"] is None  # joined a running Ray: its preload is whoever started it
+    # every planned tile was embedded, and the rate is those tiles over the measured seconds
+    assert res["end_to_end_tiles"] == res["tiles"] > 0
+    assert abs(res["tiles_per_s"]["end_to_end"] * res["end_to_end_seconds"] - res["tiles"]) <= 0.01 * res["tiles"]
     # the untimed warm-up embedded its one slide into its own store; the measured run, both slides into its own
     from gigamamba.features.store import GridStore
 
@@ -64,6 +75,16 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     assert all(0 <= cpu[k] <= res["cpu"]["cores"] * 1.2 for k in cpu if k != "seconds"), cpu
     assert os.path.isdir(res["trace_dir"]) and os.listdir(res["trace_dir"])
     assert "start-up, seconds after embed_cohort started" in text and "actor_model_ready" in text
+
+
+def test_a_failed_pipeline_process_fails_the_bench_with_its_exit_code():
+    """The pipeline's child dies (here: a job it cannot read): a one-line error naming its exit code, no rate."""
+    from gigamamba.ingest import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.pipeline_in_fresh_process({})  # KeyError in the child, before Ray is touched
+    message = str(exc.value.code)
+    assert "exited with code 1" in message and "\n" not in message, message
 
 
 def test_decode_ceiling_decodes_for_at_least_the_asked_time_twice(tmp_path):

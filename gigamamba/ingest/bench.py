@@ -6,8 +6,9 @@
     CLAM-style loop one process: per slide, read_region in a Dataset -> DataLoader(num_workers=0) -> model
 
 The cohort is synthetic (gigamamba synth) and written once into --workdir; later runs reuse it.
-The pipeline run is traced (GIGAMAMBA_INGEST_TRACE, WORKDIR/trace-*): `startup_breakdown` in the results
-gives, in seconds after embed_cohort started, when each stage first got going.
+The pipeline runs in a fresh interpreter (bench_child.py), started as `gigamamba embed` is: this process has
+imported torch and run the encoder by then. It is traced (GIGAMAMBA_INGEST_TRACE, WORKDIR/trace-*):
+`startup_breakdown` in the results gives, in seconds after embed_cohort started, when each stage first got going.
 On a GPU machine use at least 1,000 tiles a slide, e.g.
     gigamamba bench ingest --slides 48 --unique-slides 4 --size-px 16384 --batch-size 256
 """
@@ -80,7 +81,10 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    from gigamamba.ingest.cpu_sampler import usable_cores
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable_cores(), "python": platform.python_version(),
+            "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()
@@ -272,6 +276,35 @@ def bench_clam(plans, encoder, input_px: int, batch_size: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def pipeline_in_fresh_process(job: dict) -> dict:
+    """The pipeline phase (gigamamba/ingest/bench_child.py) in a new interpreter; its results dict.
+
+    This process has imported torch and run the encoder by now, which would send embed_cohort's encoder
+    check down the thread path that a fresh `gigamamba embed` never takes (bench_child.py says more). The
+    child inherits this environment, working directory and console: its progress lines show as they come.
+    Raises SystemExit, with the child's exit code, when it fails or leaves no results: never a made-up rate.
+    """
+    import subprocess
+
+    # A private folder for the job and the results (features/probe.py: a name in a shared /tmp can be planted)
+    with tempfile.TemporaryDirectory(prefix="gigamamba-bench-") as folder:
+        job_path, out_path = os.path.join(folder, "job.json"), os.path.join(folder, "results.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f, default=str)  # default=str: a Path in a spec, as the child would read it anyway
+        proc = subprocess.run([sys.executable, "-m", "gigamamba.ingest.bench_child", job_path, out_path],
+                              stdin=subprocess.DEVNULL)
+        try:
+            with open(out_path) as f:
+                got = json.load(f)
+        except (OSError, ValueError):
+            got = None
+    if proc.returncode != 0 or got is None:
+        raise SystemExit(f"gigamamba bench ingest: the pipeline's process (python -m gigamamba.ingest.bench_child) "
+                         f"exited with code {proc.returncode}"
+                         f"{' without writing its results' if proc.returncode == 0 else ''}; its output is above")
+    return got
+
+
 def run(args) -> int:
     import torch
 
@@ -316,18 +349,23 @@ def run(args) -> int:
           file=sys.stderr)
     rates = results["tiles_per_s"]
 
+    from gigamamba.ingest.cpu_sampler import usable_cores
+
+    cores = usable_cores()  # one decode process per CPU this process may use, as the sampler counts them
+
     def decode_ceiling() -> float:  # measured before the pipeline and again after it
-        return bench_decode(plans, args.input_px, args.tiles_per_task, os.cpu_count() or 1,
+        return bench_decode(plans, args.input_px, args.tiles_per_task, cores,
                             min_seconds=args.decode_seconds, repeats=2)
 
     if "decode" not in args.skip:
         rates["decode_ceiling"] = decode_ceiling()
         results.setdefault("load_avg_1m_at", {})["decode_ceiling"] = _load()
-        print(f"decode ceiling ({os.cpu_count()} processes): {rates['decode_ceiling']:.1f} tiles/s", file=sys.stderr)
+        results["decode_processes"] = cores
+        print(f"decode ceiling ({cores} processes): {rates['decode_ceiling']:.1f} tiles/s", file=sys.stderr)
 
     if "encoder" not in args.skip or "clam" not in args.skip:
         if not cuda:
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(cores)
         encoder = create_encoder(args.encoder, args.weights, args.input_px)
         results["encoder_dim"] = encoder.dim
         if "encoder" not in args.skip:
@@ -345,21 +383,7 @@ def run(args) -> int:
             torch.cuda.empty_cache()
 
     if "pipeline" not in args.skip:
-        import ray
-
-        from gigamamba.cluster.ray_start import init_ray
-
-        t = time.perf_counter()
-        # A local Ray as `gigamamba embed` starts one; --preload: idle workers import those modules first
-        ray_cfg = {"address": args.address, "preload_modules": args.preload}
-        if not ray.is_initialized():
-            init_ray(ray_cfg, include_dashboard=False, log_to_driver=False)
-        results["ray_init_seconds"] = round(time.perf_counter() - t, 2)
-        results["preload_modules"] = None if args.address else args.preload
-        from gigamamba.ingest.pipeline import embed_cohort
-
         ingest = {"tiles_per_task": args.tiles_per_task, "split_slides": bool(args.split_slides)}
-        results["split_slides"] = ingest["split_slides"]
         if args.embed_actors:
             ingest["embed_actors"] = args.embed_actors
         if args.cpus_per_actor:
@@ -376,56 +400,24 @@ def run(args) -> int:
                              "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
                                          "batch_size": batch_size},
                              "store": str(work / f"store-{tag}.zarr"), "ingest": ingest}, work)
-        from gigamamba.ingest.pipeline import TRACE_ENV, read_trace
-
-        results["warm_ray_slides"] = int(args.warm_ray_slides)
+        warm_spec = None
         if args.warm_ray_slides > 0:
             warm_csv = cohort_dir / f"cohort-warm-{args.warm_ray_slides}.csv"
             rows.iloc[: args.warm_ray_slides].to_csv(warm_csv, index=False)
             warm_spec = {**spec, "cohort": {**spec["cohort"], "csv": str(warm_csv)},
                          "store": str(work / f"store-{tag}-warm.zarr")}
-            t = time.perf_counter()
-            warm = embed_cohort(warm_spec, overwrite=True, progress=False)
-            results["warm_ray_seconds"] = round(time.perf_counter() - t, 2)
-            print(f"warmed Ray with {len(warm)} slide(s) in {results['warm_ray_seconds']:.1f} s (not timed below)",
-                  file=sys.stderr)
+        address = args.address
+        if not address and "ray" in sys.modules:
+            import ray
 
-        trace_dir = tempfile.mkdtemp(prefix="trace-", dir=work)
-        previous = os.environ.get(TRACE_ENV)
-        os.environ[TRACE_ENV] = trace_dir
-        from gigamamba.ingest.cpu_sampler import CpuSampler
-
-        try:
-            t, t_epoch = time.perf_counter(), time.time()
-            with CpuSampler() as cpu:
-                manifest = embed_cohort(spec, overwrite=True, progress=True)
-            wall = time.perf_counter() - t
-        finally:
-            if previous is None:
-                os.environ.pop(TRACE_ENV, None)
-            else:
-                os.environ[TRACE_ENV] = previous
-        results["trace_dir"] = trace_dir
-        events = read_trace(trace_dir)
-        results["startup_breakdown"] = startup_breakdown(events)
-        starts = [e["t"] for e in events if e["event"] == "embed_start"]
-        first_batch = results["startup_breakdown"].get("first_batch")
-        results["cpu"] = cpu.summary(start=t_epoch, split_at=(min(starts) + first_batch)
-                                     if starts and first_batch is not None else None)
-        done = int(manifest.loc[manifest.status == "complete", "n_tiles"].sum())
-        rates["end_to_end"] = done / wall
-        results.setdefault("load_avg_1m_at", {})["end_to_end"] = _load()
-        results["end_to_end_seconds"] = round(wall, 2)
-        # The same tiles over Ray's own start as well: what a first `gigamamba embed` on a fresh node sees
-        rates["end_to_end_with_ray_start"] = done / (wall + results["ray_init_seconds"])
-        tp = manifest.attrs.get("throughput", {})
-        stream = tp.get("streaming_seconds") or 0.0
-        # steady state: tiles after the first batch over the time from first to last batch back
-        if stream > 1.0 and tp.get("streaming_tiles", 0) > 0:
-            rates["steady_state"] = tp["streaming_tiles"] / stream
-            results["startup_seconds"] = round(wall - stream, 2)
-        print(f"end to end (Ray Data, plan + read + embed + write): {rates['end_to_end']:.1f} tiles/s "
-              f"({done} tiles in {wall:.1f} s; first to last tile {stream:.1f} s)", file=sys.stderr)
+            if ray.is_initialized():  # a caller's Ray (a notebook, the tests): the child joins it, as before
+                address = ray.get_runtime_context().gcs_address
+        got = pipeline_in_fresh_process({"spec": spec, "warm_spec": warm_spec,
+                                         "warm_ray_slides": int(args.warm_ray_slides), "address": address,
+                                         "preload": args.preload, "workdir": str(work)})
+        rates.update(got.pop("tiles_per_s"))
+        results.setdefault("load_avg_1m_at", {}).update(got.pop("load_avg_1m_at"))
+        results.update(got)
 
     if "decode" not in args.skip and "pipeline" not in args.skip:
         # again after the pipeline: a machine that slowed down (or sped up) meanwhile shows here, and the

@@ -26,6 +26,8 @@ def classify(title: str, pid: int, driver_pid: int) -> str:
     """A process's kind from its command line (Ray workers carry their task's name there)."""
     if pid == driver_pid:
         return "driver"
+    if "gigamamba.features.probe" in title:  # the driver's encoder check, in a child process (features/probe.py)
+        return "driver"
     if title.startswith("ray::"):
         if "TileEmbedder" in title:
             return "encoder"
@@ -40,6 +42,15 @@ def classify(title: str, pid: int, driver_pid: int) -> str:
                                       "runtime_env", "ray/_private", "ray_client_server", "plasma")):
         return "ray_daemons"
     return "other"
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (a container's CPU set), not the host's: what the sampler counts
+    idle cores against, and how many processes the bench's decode ceiling runs."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _proc_ticks(pid: str) -> tuple[str, int] | None:
@@ -72,10 +83,7 @@ class CpuSampler:
     def __init__(self, interval: float = 0.5):
         self.interval = interval
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        try:  # the CPUs this process may run on (a container's CPU set), not the host's
-            self.cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            self.cores = os.cpu_count() or 1
+        self.cores = usable_cores()
         self.samples: list[dict] = []  # {"t": epoch end of interval, "seconds": dt, kind: cores, "idle": cores}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
