@@ -153,6 +153,7 @@ __device__ __forceinline__ float settle_carry(const float* src, unsigned early) 
 
 // Kernel launchers (defined in scan2d_fwd.cu / scan2d_bwd.cu); dtype: 0 float, 1 half, 2 bfloat16.
 void launch_fwd_tiles(const Params& p, int mode, int dtype, cudaStream_t st);
+void launch_fwd_blocked(const Params& p, int dtype, cudaStream_t st);
 void launch_carry_scan(float* loc, const float* S, const float* A, int BD, int N, int D, int T, int lines,
                        bool reverse, cudaStream_t st);
 void launch_bwd_agg(const Params& p, int mode, int dtype, cudaStream_t st);

@@ -24,7 +24,7 @@ EXT_NAME = "gigamamba_scan2d"
 # The kernel sources sit in the checkout's csrc/ (outside the Python package), so a regular, non-editable
 # install (a cluster image) says where they are with GIGAMAMBA_CSRC.
 SOURCE_DIR = Path(os.environ.get("GIGAMAMBA_CSRC") or Path(__file__).resolve().parents[2] / "csrc" / "scan2d")
-SOURCES = ("binding.cpp", "scan2d_fwd.cu", "scan2d_bwd.cu")
+SOURCES = ("binding.cpp", "scan2d_fwd.cu", "scan2d_fwd_blocked.cu", "scan2d_bwd.cu")
 
 # Backward blocks to aim for when picking the number of channel chunks K of the dB/dC partials. More chunks
 # give the wavefront backward more independent blocks per tile; each costs one partial of dB and dC
@@ -124,14 +124,18 @@ def available() -> bool:
 
 # "wavefront": tiles hand carries to their neighbours inside one pass: the forward (right and down) and the
 # backward's final pass (up and left) (csrc/scan2d/NOTES.md, v8). "passes": the layout with aggregate passes and
-# short carry scans that it replaced, kept as the reference it is tested against.
+# short carry scans that it replaced, kept as the reference it is tested against. "blocked": the wavefront with
+# register-blocked tiles in the forward (scan2d_fwd_blocked.cu: each lane a block of 8 rows x 4 columns, only B
+# and C through shared memory); the same carries, so the same backward.
 CARRIES = os.environ.get("GIGAMAMBA_SCAN2D_CARRIES", "wavefront")
+_LAYOUTS = {"passes": 0, "wavefront": 1, "blocked": 2}
 
 
-def _wavefront() -> bool:
-    if CARRIES not in ("wavefront", "passes"):
-        raise ValueError(f"GIGAMAMBA_SCAN2D_CARRIES (scan2d_cuda.CARRIES) must be 'wavefront' or 'passes', got {CARRIES!r}")
-    return CARRIES == "wavefront"
+def _layout() -> int:
+    if CARRIES not in _LAYOUTS:
+        raise ValueError(f"GIGAMAMBA_SCAN2D_CARRIES (scan2d_cuda.CARRIES) must be one of {sorted(_LAYOUTS)}, "
+                         f"got {CARRIES!r}")
+    return _LAYOUTS[CARRIES]
 
 
 def _keep_mask(u, n_state) -> int:
@@ -170,10 +174,10 @@ class Scan2dFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, sizes):
         ext = _load()
         uu, dd, AA, B5, C5, DD, zz, db, sz = _prepare(u, delta, A, B, C, D, z, delta_bias, sizes)
-        wavefront = _wavefront()
+        layout = _layout()
         out, rowc, colc = ext.fwd(uu, dd, AA, B5, C5, DD, zz, db, bool(delta_softplus), sz, _keep_mask(uu, AA.shape[1]),
-                                  wavefront)
-        ctx.wavefront = wavefront  # backward uses the forward's layout, even if CARRIES changes in between
+                                  layout)
+        ctx.wavefront = layout != 0  # backward uses the forward's layout, even if CARRIES changes in between
         ctx.delta_softplus = bool(delta_softplus)
         ctx.meta = (u.dtype, delta.dtype, B.dim(), B.dtype, C.dtype, z.dtype if z is not None else None)
         ctx.has = (D is not None, z is not None, delta_bias is not None)
