@@ -3,7 +3,9 @@
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,8 +30,7 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     res = json.loads(out.read_text())
     b = res["startup_breakdown"]
     # measured as a fresh `gigamamba embed` runs: in a new interpreter with torch not imported before
-    # embed_cohort, so the encoder check took the child-process path; the bench's own process had imported it
-    assert "torch" in sys.modules
+    # embed_cohort (this process has it imported), so the encoder check took the child-process path
     assert res["pipeline_process"] == "fresh" and res["torch_imported_before_embed"] is False
     assert res["preload_modules"] is None  # joined a running Ray: its preload is whoever started it
     # every planned tile was embedded, and the rate is those tiles over the measured seconds
@@ -77,14 +78,46 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     assert "start-up, seconds after embed_cohort started" in text and "actor_model_ready" in text
 
 
-def test_a_failed_pipeline_process_fails_the_bench_with_its_exit_code():
-    """The pipeline's child dies (here: a job it cannot read): a one-line error naming its exit code, no rate."""
+def test_a_failed_pipeline_process_fails_the_bench_with_its_exit_code(capsys):
+    """The pipeline's child dies (here: a job it cannot read): a one-line error naming its exit code, the
+    bench exits with that code, and no rate is reported."""
     from gigamamba.ingest import bench
 
     with pytest.raises(SystemExit) as exc:
         bench.pipeline_in_fresh_process({})  # KeyError in the child, before Ray is touched
-    message = str(exc.value.code)
-    assert "exited with code 1" in message and "\n" not in message, message
+    assert exc.value.code == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gigamamba bench ingest:")]
+    assert len(lines) == 1 and "exited with code 1" in lines[0], lines
+
+
+def _ended(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)  # a zombie has ended
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_pipeline_process_stops_when_the_bench_is_killed(tmp_path):
+    """A bench killed outright leaves no pipeline process behind: the child notices it was re-parented."""
+    pid_file = tmp_path / "pid"
+    child = ("import os, time\n"
+             "from gigamamba.ingest.bench_child import _end_with_parent\n"
+             "_end_with_parent(os.getppid(), poll_s=0.1)\n"
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+             "time.sleep(120)\n")
+    # the "bench": starts the child, waits until it is watching, then dies without a word (as on SIGKILL)
+    bench = ("import subprocess, sys, time, os\n"
+             f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+             f"while not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\n"
+             "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", bench], timeout=60, check=True)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 20
+    while not _ended(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ended(pid), "the pipeline's process outlived the bench"
 
 
 def test_decode_ceiling_decodes_for_at_least_the_asked_time_twice(tmp_path):

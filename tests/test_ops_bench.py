@@ -18,6 +18,12 @@ def test_kernel_label_keeps_template_arguments_and_drops_the_signature():
     # a "(" inside template arguments is not the parameter list
     assert bench.kernel_label("void k<(int)3, f(x)>(int, float*)") == "k<(int)3, f(x)>"
     assert bench.kernel_label("Memset (Device)") == "Memset"
+    # "(anonymous namespace)" is part of the name, not its parameter list
+    assert bench.kernel_label("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, 4>(int*, long)") \
+        == "at::native::(anonymous namespace)::CatArrayBatchedCopy<float, 4>"
+    assert bench.kernel_label("void (anonymous namespace)::softmax_warp_forward<float, 5>(float*)") == \
+        "(anonymous namespace)::softmax_warp_forward<float, 5>"
+    assert bench.kernel_label("ampere_sgemm_128x64_nn") == "ampere_sgemm_128x64_nn"
     long = "void at::native::vectorized_elementwise_kernel<4, " + "A" * 100 + ">(int)"
     assert len(bench.kernel_label(long)) == 70 and bench.kernel_label(long).endswith("...")
 

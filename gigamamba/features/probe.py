@@ -26,6 +26,8 @@ import tempfile
 import threading
 import weakref
 
+from gigamamba.child import python_module
+
 
 def _probe(enc: dict) -> dict:
     from gigamamba.features.encoders import create_encoder
@@ -86,12 +88,8 @@ class EncoderProbe:
             # see in a shared /tmp (the answer's .part) could be planted there first, as a link
             folder = tempfile.mkdtemp(prefix="gigamamba-probe-")
             self._answer = os.path.join(folder, "answer.json")
-            env = dict(os.environ)
-            # The child sees this interpreter's sys.path ('' is the working directory), as multiprocessing's
-            # spawn would give it; -P: not the working directory ahead of it too, as `python -m` would put it
-            env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path if os.pathsep not in p)
-            proc = subprocess.Popen([sys.executable, "-P", "-m", "gigamamba.features.probe", spec, self._answer],
-                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            argv, env = python_module("gigamamba.features.probe", spec, self._answer)
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
         except OSError:  # no usable interpreter (an embedded or frozen Python), no temp folder: a thread checks
             if folder is not None:

@@ -282,26 +282,32 @@ def pipeline_in_fresh_process(job: dict) -> dict:
     This process has imported torch and run the encoder by now, which would send embed_cohort's encoder
     check down the thread path that a fresh `gigamamba embed` never takes (bench_child.py says more). The
     child inherits this environment, working directory and console: its progress lines show as they come.
-    Raises SystemExit, with the child's exit code, when it fails or leaves no results: never a made-up rate.
+    When it fails or leaves no results, says so in one line on stderr and raises SystemExit with its exit code
+    (1 if it was killed by a signal or exited 0 without results): never a made-up rate.
     """
     import subprocess
+
+    from gigamamba.child import python_module
 
     # A private folder for the job and the results (features/probe.py: a name in a shared /tmp can be planted)
     with tempfile.TemporaryDirectory(prefix="gigamamba-bench-") as folder:
         job_path, out_path = os.path.join(folder, "job.json"), os.path.join(folder, "results.json")
         with open(job_path, "w") as f:
             json.dump(job, f, default=str)  # default=str: a Path in a spec, as the child would read it anyway
-        proc = subprocess.run([sys.executable, "-m", "gigamamba.ingest.bench_child", job_path, out_path],
-                              stdin=subprocess.DEVNULL)
+        argv, env = python_module("gigamamba.ingest.bench_child", job_path, out_path)
+        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL)
         try:
             with open(out_path) as f:
                 got = json.load(f)
         except (OSError, ValueError):
             got = None
-    if proc.returncode != 0 or got is None:
-        raise SystemExit(f"gigamamba bench ingest: the pipeline's process (python -m gigamamba.ingest.bench_child) "
-                         f"exited with code {proc.returncode}"
-                         f"{' without writing its results' if proc.returncode == 0 else ''}; its output is above")
+    code = proc.returncode
+    if code != 0 or got is None:
+        how = (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+               + (" without writing its results" if code == 0 else ""))
+        print(f"gigamamba bench ingest: the pipeline's process (python -m gigamamba.ingest.bench_child) {how}; "
+              f"its output is above", file=sys.stderr)
+        raise SystemExit(code if code > 0 else 1)
     return got
 
 
@@ -462,13 +468,14 @@ def _table(res: dict) -> str:
     warm = f"; Ray warmed by {res['warm_ray_slides']} slide(s) first" if res.get("warm_ray_slides") else ""
     lines = [f"ingest bench: {res['slides']} slides, {res['tiles']} tiles ({res['tiles_per_slide']:.0f}/slide), "
              f"encoder {res['encoder']} @ {res['input_px']} px, batch {res['batch_size']}{warm}",
-             f"machine: {res['machine'].get('gpu', 'no GPU')}; {res['machine']['cpu']} x {res['machine']['cores']} cores; "
+             f"machine: {res['machine'].get('gpu', 'no GPU')}; {res['machine']['cpu']} x "
+             f"{res['machine'].get('usable_cores', res['machine']['cores'])} usable cores; "
              f"1-min load average at each measure: {res.get('load_avg_1m_at', {})}",
              f"{'measure':<34}{'tiles/s':>10}"]
     names = {"end_to_end": "end to end (Ray Data pipeline)",
              "end_to_end_with_ray_start": "  counting ray.init too",
              "steady_state": "  steady state (first->last tile)",
-             "decode_ceiling": "decode ceiling (all cores)",
+             "decode_ceiling": "decode ceiling (all usable cores)",
              "decode_ceiling_before_pipeline": "  measured before the pipeline",
              "decode_ceiling_after_pipeline": "  measured after the pipeline",
              "encoder_ceiling": "encoder ceiling (pre-decoded)", "clam_loop": "CLAM-style single-process loop"}

@@ -86,7 +86,27 @@ def run_pipeline(job: dict) -> dict:
     return out
 
 
+def _end_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """A bench killed outright (the OOM killer, SIGKILL) must not leave this process and its Ray running on
+    the GPU: when the parent is gone (we are re-parented), interrupt the run, and exit if that does not end it."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print("bench_child: the bench process is gone; stopping", file=sys.stderr)
+        # a real SIGINT (not _thread.interrupt_main, which waits for a blocking call to return): a
+        # KeyboardInterrupt in the run, and Ray shuts down at exit as usual
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
+    _end_with_parent(os.getppid())
     with open(argv[0]) as f:
         job = json.load(f)
     out = run_pipeline(job)

@@ -171,15 +171,13 @@ def kernel_label(name: str) -> str:
     name = name.strip()
     if name.startswith("void "):
         name = name[5:]
-    depth = 0
-    for k, ch in enumerate(name):  # cut at the first "(" outside template brackets
-        if ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth -= 1
-        elif ch == "(" and depth == 0:
-            name = name[:k].rstrip()
-            break
+    if name.endswith(")"):  # the parameter list is the last balanced (...): a name may hold
+        depth = 0           # "(anonymous namespace)" or a "(" inside template arguments before it
+        for k in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[k], 0)
+            if depth == 0:
+                name = name[:k].rstrip() or name
+                break
     return name if len(name) <= 70 else name[:67] + "..."
 
 
@@ -293,6 +291,9 @@ def run(args) -> int:
         if not cuda:
             print("\n--kernels: the per-kernel breakdown needs CUDA; none here")
         for r in rows:
+            if r["impl"].startswith("cuda") and "error" not in r and not r.get("kernels_fwd_bwd_ms"):
+                print(f"\n--kernels: the profiler recorded no GPU kernel for {r['grid']} {r['dtype']} {r['impl']} "
+                      f"(CUPTI not permitted here?)")
             if r.get("kernels_fwd_bwd_ms"):
                 print(f"\nfwd+bwd per kernel, {r['grid']} B={r['batch']} {r['dtype']} {r['impl']} "
                       f"(ms per call; the table's fwd+bwd: {r['fwd_bwd_ms']:.3f})")
