@@ -102,8 +102,11 @@ def _ended(pid: int) -> bool:
 def test_the_pipeline_process_stops_when_the_bench_is_killed(tmp_path):
     """A bench killed outright leaves no pipeline process behind: the child notices it was re-parented."""
     pid_file = tmp_path / "pid"
-    child = ("import os, time\n"
-             "from gigamamba.ingest.bench_child import _end_with_parent\n"
+    # SIGINT ignored, as a shell without job control (CI) starts background jobs: the stop must not need it
+    child = ("import os, signal, time\n"
+             "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+             "from gigamamba.ingest.bench_child import _end_with_parent, _exit_on_sigterm\n"
+             "signal.signal(signal.SIGTERM, _exit_on_sigterm)\n"
              "_end_with_parent(os.getppid(), poll_s=0.1)\n"
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
              "time.sleep(120)\n")

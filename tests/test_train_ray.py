@@ -37,7 +37,7 @@ def _children(client, parent_id):
     )
 
 
-def test_two_worker_folds_nested_mlflow_and_separate_checkpoints(ray_local, toy):
+def test_two_worker_folds_nested_mlflow_and_separate_checkpoints(ray_local, toy, tmp_path):
     root, csv, store = toy
     spec = _spec(root, csv, store, "cv2", epochs=2)
     spec["cv"].update(only_folds=[0, 1], max_concurrent_folds=2)
@@ -64,7 +64,9 @@ def test_two_worker_folds_nested_mlflow_and_separate_checkpoints(ray_local, toy)
         assert "test_auc" in child.data.metrics and child.data.metrics["restarts"] == 0
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "predictions.parquet" in files and "plots" in files and "heatmaps" in files
-        pred = pd.read_parquet(client.download_artifacts(child.info.run_id, "predictions.parquet"))
+        dst = tmp_path / child.info.run_id  # MLflow would leave a temp folder per download without one
+        dst.mkdir()
+        pred = pd.read_parquet(client.download_artifacts(child.info.run_id, "predictions.parquet", dst_path=str(dst)))
         assert set(pred["part"]) == {"val", "test"}
         assert pred["prob_0"].add(pred["prob_1"]).round(5).eq(1).all()
         heatmaps = client.list_artifacts(child.info.run_id, "heatmaps")
@@ -119,7 +121,7 @@ def test_survival_fold_logs_c_index_and_km_plot(ray_local, tmp_path):
     (child,) = _children(client, parent.info.run_id)
     assert [m.step for m in client.get_metric_history(child.info.run_id, "val_c_index")] == [0, 1]
     assert {a.path for a in client.list_artifacts(child.info.run_id, "plots")} == {"plots/km_test.png"}
-    pred = pd.read_parquet(client.download_artifacts(child.info.run_id, "predictions.parquet"))
+    pred = pd.read_parquet(client.download_artifacts(child.info.run_id, "predictions.parquet", dst_path=str(tmp_path)))
     assert {"risk", "survival_months", "event"} <= set(pred.columns)
 
 

@@ -96,16 +96,24 @@ def _end_with_parent(parent: int, poll_s: float = 1.0) -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
         print("bench_child: the bench process is gone; stopping", file=sys.stderr)
-        # a real SIGINT (not _thread.interrupt_main, which waits for a blocking call to return): a
-        # KeyboardInterrupt in the run, and Ray shuts down at exit as usual
-        os.kill(os.getpid(), signal.SIGINT)
+        # SIGTERM, handled in the main thread (main() and ray.init both make it a SystemExit): the run stops
+        # and Ray shuts down at exit as usual. Not SIGINT: a job started in the background by a shell without
+        # job control (CI) inherits SIGINT ignored, and Python then raises no KeyboardInterrupt for it.
+        os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a clean exit (atexit, Ray's shutdown), not a bare kill
     _end_with_parent(os.getppid())
     with open(argv[0]) as f:
         job = json.load(f)

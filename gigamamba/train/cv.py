@@ -272,14 +272,27 @@ def summarise(results: dict[int, dict], task: str) -> dict[str, float]:
 
 def _log_all_predictions(client, parent_id: str, results: dict, jobs) -> None:
     """The folds' predictions in one parquet on the parent, for cross-fold analysis."""
+    import os
+
     frames = []
-    for _, child_id, _, _ in jobs:
-        try:
-            frames.append(pd.read_parquet(client.download_artifacts(child_id, "predictions.parquet")))
-        except Exception:
-            continue
-    if frames:
+    # Downloads go to a folder removed afterwards (without dst_path MLflow leaves a new temp folder per call),
+    # with MLflow's per-file progress bars off for them unless the user asked for those.
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
         with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "predictions_all_folds.parquet"
-            pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
-            client.log_artifact(parent_id, str(path))
+            for k, (_, child_id, _, _) in enumerate(jobs):
+                dst = Path(d) / f"fold{k}"
+                dst.mkdir()
+                try:
+                    frames.append(pd.read_parquet(client.download_artifacts(child_id, "predictions.parquet",
+                                                                            dst_path=str(dst))))
+                except Exception:  # a fold that failed has no predictions: the others still go in
+                    continue
+            if frames:
+                path = Path(d) / "predictions_all_folds.parquet"
+                pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
+                client.log_artifact(parent_id, str(path))
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
