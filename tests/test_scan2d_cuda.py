@@ -206,6 +206,7 @@ def test_passes_layout_still_matches_oracle(ext, monkeypatch):
     ((1, 4, 1, 300), 4, None),     # one row: only horizontal carries
     ((1, 4, 300, 7), 4, None),     # one narrow column of tiles
     ((2, 8, 40, 37), 64, 2),       # N = 64, groups
+    ((1, 4, 33, 65), 2, None),     # N = 2: fewer states than the copy ring holds
 ])
 # A hand-over that never comes would hang the kernel (and the GPU call): the thread method ends the whole run
 @pytest.mark.timeout(300, method="thread")
@@ -216,9 +217,17 @@ def test_blocked_layout_matches_oracle(ext, monkeypatch, shape, n_state, groups)
 
 
 @pytest.mark.timeout(300, method="thread")
-def test_blocked_layout_bf16(ext, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blocked_layout_half_precision(ext, monkeypatch, dtype):
     monkeypatch.setattr(ext, "CARRIES", "blocked")
-    check(ext, (2, 6, 33, 65), 16, dtype=torch.bfloat16)
+    check(ext, (2, 6, 33, 65), 16, dtype=dtype)
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_blocked_layout_plain_delta_no_gate_mixed_sizes(ext, monkeypatch):
+    """No softplus, no z/D/delta_bias, and per-sample sizes (an empty sample too), against the oracle."""
+    monkeypatch.setattr(ext, "CARRIES", "blocked")
+    check(ext, (3, 4, 40, 70), 4, softplus=False, full=False, sizes=torch.tensor([[40, 70], [17, 33], [0, 5]]))
 
 
 def test_deterministic_backward(ext):
@@ -254,8 +263,9 @@ SANITIZER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("carries", ["wavefront", "blocked"])
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_compute_sanitizer(ext, tool, tmp_path):
+def test_compute_sanitizer(ext, tool, carries, tmp_path):
     exe = shutil.which("compute-sanitizer") or (
         os.path.join(ext.cuda_home(), "bin", "compute-sanitizer") if ext.cuda_home() else None
     )
@@ -263,7 +273,8 @@ def test_compute_sanitizer(ext, tool, tmp_path):
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "scan_tiny.py"
     script.write_text(SANITIZER_SCRIPT)
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               GIGAMAMBA_SCAN2D_CARRIES=carries)  # read at import: the forward layout under the sanitizer
     proc = subprocess.run([exe, "--tool", tool, sys.executable, str(script)], capture_output=True, text=True,
                           env=env, timeout=900)
     log = proc.stdout + proc.stderr

@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(NWB * 32, 2) fwd_blocked_kernel(Params p) {
       const float cr = __shfl_sync(FULL, rcar, rb + r);  // row rb + r's carry, for the lanes at the left edge
       hin[r] = lx == 0 ? cr : 0.f;
       P[r] = ex2(srow[r] * A2);
-      e[r] = fmaf(P[r], hin[r], e[r]);  // the true end of the first segment
+      // the true end of the first segment (only there: an overflowing P times a zero carry would be NaN)
+      if (lx == 0) e[r] = fmaf(P[r], hin[r], e[r]);
     }
 #pragma unroll
     for (int off = 1; off < BX; off <<= 1) {
@@ -227,10 +228,10 @@ __global__ void __launch_bounds__(NWB * 32, 2) fwd_blocked_kernel(Params p) {
       float v = x[0][c];
 #pragma unroll
       for (int r = 1; r < BH; ++r) v = fmaf(a[r][c], v, x[r][c]);
-      const float cc = __shfl_sync(FULL, ccar, cb + c);  // column cb + c's carry, for the lanes at the top edge
-      hcin[c] = ly == 0 ? cc : 0.f;
+      const float cv = __shfl_sync(FULL, ccar, cb + c);  // column cb + c's carry, for the lanes at the top edge
+      hcin[c] = ly == 0 ? cv : 0.f;
       Q[c] = ex2(scol[c] * A2);
-      f[c] = fmaf(Q[c], hcin[c], v);  // the true end of the top segment
+      f[c] = ly == 0 ? fmaf(Q[c], hcin[c], v) : v;  // the true end of the top segment
     }
     // compose across the BY lanes of each column group (lanes BX apart)
 #pragma unroll
@@ -254,12 +255,12 @@ __global__ void __launch_bounds__(NWB * 32, 2) fwd_blocked_kernel(Params p) {
     // the block's columns again from their true carries, and y += C h
 #pragma unroll
     for (int r = 0; r < BH; ++r) {
-      const float4 cv = *reinterpret_cast<const float4*>(Cs + (rb + r) * TS + cb);
-      const float cc[BW] = {cv.x, cv.y, cv.z, cv.w};
+      const float4 c4 = *reinterpret_cast<const float4*>(Cs + (rb + r) * TS + cb);
+      const float cm[BW] = {c4.x, c4.y, c4.z, c4.w};
 #pragma unroll
       for (int c = 0; c < BW; ++c) {
         h[c] = fmaf(a[r][c], h[c], x[r][c]);
-        y[r][c] = fmaf(cc[c], h[c], y[r][c]);
+        y[r][c] = fmaf(cm[c], h[c], y[r][c]);
       }
     }
     {  // the tile's last row (lanes ly == BY-1) into the tile below: lane k hands on column k
