@@ -107,7 +107,9 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // Block-wide asynchronous staging of a 32x32 tile of B or C (fp32), zero outside the sample.
 // NW warps: warp w copies rows w, w+NW, ...; lane = column, so each row is one coalesced request.
-template <int NW>
+// STRIDE: the shared tile's row stride, padded (LD) where the tile is also read by columns, TS where it is
+// read only by rows as float4 (the register-blocked forward).
+template <int NW, int STRIDE = LD>
 __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* dst, int i0, int j0, int hb, int wb,
                                          int W) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -117,8 +119,44 @@ __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* d
   for (int m = 0; m < TS / NW; ++m) {
     const int r = warp + m * NW;
     const bool ok = jok && i0 + r < hb;
-    cp_async4(dst + r * LD + lane, ok ? s0 + (int64_t)(m * NW) * W : src, ok);
+    cp_async4(dst + r * STRIDE + lane, ok ? s0 + (int64_t)(m * NW) * W : src, ok);
   }
+}
+
+// Wavefront passes take their work in the order blocks start, not in blockIdx order: thread 0 draws a ticket
+// from the counter in p.flags[0] and the block shares it. The tiles a block waits for drew earlier tickets, so
+// they are resident or done by then (no deadlock).
+__device__ __forceinline__ int wavefront_ticket(const Params& p) {
+  __shared__ int ticket;
+  if (threadIdx.x == 0) ticket = atomicAdd(p.flags, 1);
+  __syncthreads();
+  return ticket;
+}
+
+// The work of forward-style block (or ticket) vb: sample b, tile (s, t), group g and a chunk of NW channels,
+// chunks fastest; warp `warp` takes the chunk's channel of that index, d, valid when the group has one.
+// The sample's extent (sample_extent) stays with the caller: folded in here, ptxas scheduled MODE 4 otherwise.
+struct FwdTile {
+  int b, g, d, s, t, i0, j0;
+  bool valid;
+};
+template <int NW>
+__device__ __forceinline__ FwdTile fwd_tile_of(const Params& p, int vb, int warp) {
+  const int cpg = (p.Dg + NW - 1) / NW;
+  const int chunks = p.G * cpg, ntiles = p.TR * p.TC;
+  const int gc = vb % chunks;
+  const int tile = (vb / chunks) % ntiles;
+  FwdTile f;
+  f.b = vb / chunks / ntiles;
+  f.g = gc / cpg;
+  const int cig = (gc % cpg) * NW + warp;
+  f.valid = cig < p.Dg;
+  f.d = f.g * p.Dg + (f.valid ? cig : 0);
+  f.s = tile / p.TC;
+  f.t = tile % p.TC;
+  f.i0 = f.s * TS;
+  f.j0 = f.t * TS;
+  return f;
 }
 
 // Wavefront hand-over between blocks (single-pass forward, backward's final pass). The carry itself is the ready flag: the carry

@@ -171,13 +171,8 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
   float* Tw = Tv + TILE;   // g * h[i-1, j]
 
   const int ntiles = p.TR * p.TC;
-  int vb = blockIdx.x;
-  if (WAVE) {  // dynamic block order: the tiles below and to the right are handed out first
-    __shared__ int s_vb;
-    if (threadIdx.x == 0) s_vb = atomicAdd(p.flags, 1);
-    __syncthreads();
-    vb = s_vb;
-  }
+  // wavefront: dynamic block order, so the tiles below and to the right are handed out first
+  const int vb = WAVE ? wavefront_ticket(p) : (int)blockIdx.x;
   const int k = vb % p.K;
   const int g = (vb / p.K) % p.G;
   const int tile = WAVE ? ntiles - 1 - (vb / p.K / p.G) % ntiles : (vb / p.K / p.G) % ntiles;

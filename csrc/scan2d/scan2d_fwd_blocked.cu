@@ -22,46 +22,19 @@ constexpr int NWB = 4;                       // warps (channels) per block
 constexpr unsigned FULL = 0xffffffffu;
 static_assert(BX * BY == 32 && BW == 4, "a lane reads its block's rows of B and C as one float4");
 
-// B/C tiles unpadded (row stride TS): nothing reads them by columns here, and float4 reads need 16-byte rows.
-template <int NW>
-__device__ __forceinline__ void stage_bc_rows(const float* __restrict__ src, float* dst, int i0, int j0, int hb,
-                                              int wb, int W) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const bool jok = j0 + lane < wb;
-  const float* s0 = src + (int64_t)(i0 + warp) * W + j0 + lane;
-#pragma unroll
-  for (int m = 0; m < TS / NW; ++m) {
-    const int r = warp + m * NW;
-    const bool ok = jok && i0 + r < hb;
-    cp_async4(dst + r * TS + lane, ok ? s0 + (int64_t)(m * NW) * W : src, ok);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(NWB * 32, 2) fwd_blocked_kernel(Params p) {
   extern __shared__ __align__(16) float smb[];
-  float* Bring = smb;                    // NBUF B tiles, TS x TS
+  float* Bring = smb;                    // NBUF B tiles, TS x TS: unpadded, read only by rows (float4)
   float* Cring = Bring + NBUF * TS * TS;  // NBUF C tiles
   float* Aring = Cring + NBUF * TS * TS;  // NBUF x NWB: A[d, n] of each warp's channel
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int lx = lane % BX, ly = lane / BX;
 
   // tiles in raster order from the counter, as MODE 4: a tile's left and upper neighbours started before it
-  __shared__ int s_vb;
-  if (threadIdx.x == 0) s_vb = atomicAdd(p.flags, 1);
-  __syncthreads();
-  const int vb = s_vb;
-  const int cpg = (p.Dg + NWB - 1) / NWB;
-  const int chunks = p.G * cpg, ntiles = p.TR * p.TC;
-  const int gc = vb % chunks;
-  const int tile = (vb / chunks) % ntiles;
-  const int b = vb / chunks / ntiles;
-  const int g = gc / cpg;
-  const int cig = (gc % cpg) * NWB + warp;
-  const bool valid = cig < p.Dg;
-  const int d = g * p.Dg + (valid ? cig : 0);
-  const int s = tile / p.TC, t = tile % p.TC;
-  const int i0 = s * TS, j0 = t * TS;
+  const FwdTile job = fwd_tile_of<NWB>(p, wavefront_ticket(p), warp);
+  const int b = job.b, g = job.g, d = job.d, s = job.s, t = job.t, i0 = job.i0, j0 = job.j0;
+  const bool valid = job.valid;
   const int H = p.H, W = p.W, N = p.N;
   int hb, wb;
   sample_extent(p, b, hb, wb);
@@ -126,8 +99,8 @@ __global__ void __launch_bounds__(NWB * 32, 2) fwd_blocked_kernel(Params p) {
   auto issue = [&](int n) {
     if (n < N) {
       const int slot = n % NBUF;
-      stage_bc_rows<NWB>(Bbase + n * HW, Bring + slot * TS * TS, i0, j0, hb, wb, W);
-      stage_bc_rows<NWB>(Cbase + n * HW, Cring + slot * TS * TS, i0, j0, hb, wb, W);
+      stage_bc<NWB, TS>(Bbase + n * HW, Bring + slot * TS * TS, i0, j0, hb, wb, W);
+      stage_bc<NWB, TS>(Cbase + n * HW, Cring + slot * TS * TS, i0, j0, hb, wb, W);
       if (lane == 0) cp_async4(Aring + slot * NWB + warp, p.A + d * N + n, valid);
     }
     cp_async_commit();  // possibly empty: keeps one group per state

@@ -355,9 +355,7 @@ def run(args) -> int:
           file=sys.stderr)
     rates = results["tiles_per_s"]
 
-    from gigamamba.ingest.cpu_sampler import usable_cores
-
-    cores = usable_cores()  # one decode process per CPU this process may use, as the sampler counts them
+    cores = machine["usable_cores"]  # one decode process per CPU this process may use, as the sampler counts them
 
     def decode_ceiling() -> float:  # measured before the pipeline and again after it
         return bench_decode(plans, args.input_px, args.tiles_per_task, cores,
