@@ -169,6 +169,10 @@ std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
                                c10::optional<Tensor> colc_saved, int64_t target_blocks, bool wavefront) {
   Params p = make_params(u, delta, A, Bm, Cm, Dv, z, dbias, softplus, sizes);
   check_like(dout, u, "dout");
+  // backward's tile copies and partial sums index a plane in 32-bit ints, up to the last tile's padding
+  // (a slide grid is ~10^5 cells; the forward kernels index in 64 bits)
+  TORCH_CHECK((int64_t)p.TR * scan2d::TS * p.W + (int64_t)p.TC * scan2d::TS <= INT32_MAX, "scan2d: a grid of ",
+              p.H, "x", p.W, " has too many cells for the CUDA backward (it indexes a plane in 32 bits)");
   c10::cuda::CUDAGuard guard(u.device());
   cudaStream_t st = c10::cuda::getCurrentCUDAStream();
   int dt = dtype_code(u);

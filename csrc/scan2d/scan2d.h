@@ -105,8 +105,39 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Block-wide asynchronous staging of a 32x32 tile of B or C (fp32), zero outside the sample.
+// Block-wide asynchronous staging of 32x32 tiles of B or C (fp32), zero outside the sample.
 // NW warps: warp w copies rows w, w+NW, ...; lane = column, so each row is one coalesced request.
+// The thread's offset into a plane and which of its rows lie inside the sample are worked out once per block:
+// per state only the plane changes. Done per copy (v8), that address maths and its range checks were ~12
+// integer instructions a copy inside the state loop (SASS), more than the copy itself.
+template <int NW>
+struct TileCopy {
+  int off = 0;      // (i0 + warp) * W + j0 + lane within a plane (binding.cpp keeps H*W below 2^31)
+  int step = 0;     // NW rows: NW * W
+  unsigned ok = 0;  // bit m: row warp + m*NW of the tile lies inside the sample
+  __device__ __forceinline__ TileCopy(int i0, int j0, int hb, int wb, int W) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    step = NW * W;
+    if (j0 + lane < wb) {
+      off = (i0 + warp) * W + j0 + lane;
+#pragma unroll
+      for (int m = 0; m < TS / NW; ++m) ok |= (i0 + warp + m * NW < hb ? 1u : 0u) << m;
+    }
+  }
+  __device__ __forceinline__ void operator()(const float* __restrict__ plane, float* dst) const {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* s = plane + off;
+#pragma unroll
+    for (int m = 0; m < TS / NW; ++m) {
+      const bool in = (ok >> m) & 1u;
+      cp_async4(dst + (warp + m * NW) * LD + lane, in ? s + m * step : plane, in);
+    }
+  }
+};
+
+// The same copy with its address maths done per call: the forward passes keep it. They run capped at 168
+// registers, and there TileCopy's per-block state made ptxas rematerialise more than it saved (state loop of
+// MODE 4: 786 -> 874 SASS instructions).
 // STRIDE: the shared tile's row stride, padded (LD) where the tile is also read by columns, TS where it is
 // read only by rows as float4 (the register-blocked forward).
 template <int NW, int STRIDE = LD>

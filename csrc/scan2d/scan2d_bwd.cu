@@ -90,10 +90,11 @@ __global__ void __launch_bounds__(WPB * 32) bwd_agg_kernel(Params p) {
   const bool row_ok = valid && i0 + lane < H, col_ok = valid && j0 + lane < W;
   const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;  // + n*TC*H
   const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;  // + n*TR*W
+  const TileCopy<WPB> copy_bc(i0, j0, hb, wb, W);
   auto issue = [&](int n) {  // a ring of NBUF states in flight, as in fwd_tile_kernel
     if (n < N) {
       const int slot = n % NBUF;
-      stage_bc<WPB>(Cbase + n * HW, Cring + slot * TILE, i0, j0, hb, wb, W);
+      copy_bc(Cbase + n * HW, Cring + slot * TILE);
       float* sc = Sring + (slot * WPB + warp) * SCAL;
       if (MODE == 1) cp_async4(sc + 32 + lane, p.rcolc + (col_ok ? cbase + (int64_t)n * p.TR * W : 0), col_ok);
       if (lane == 0) cp_async4(sc + 64, p.A + d * N + n, valid);
@@ -186,6 +187,14 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
   const float* Bbase = p.Bm + ((int64_t)b * p.G + g) * N * HW;
   const float* Cbase = p.Cm + ((int64_t)b * p.G + g) * N * HW;
   const int64_t pbase = (((int64_t)k * p.Bsz + b) * p.G + g) * N * HW;  // partial of (k, b, g)
+  const TileCopy<WPB> copy_bc(i0, j0, hb, wb, W);
+  // The partial cells this thread copies, adds to and writes back: (warp + WPB*m, lane) of the tile.
+  // Their offsets and range checks are fixed for the block, so they are worked out here, not per state.
+  constexpr int PER = TS * TS / (WPB * 32);
+  const int cell0 = (i0 + warp) * W + j0 + lane;
+  unsigned cells_ok = 0;
+#pragma unroll
+  for (int m = 0; m < PER; ++m) cells_ok |= (i0 + warp + m * WPB < H && j0 + lane < W ? 1u : 0u) << m;
 
   for (int rr = 0; rr < p.RPC; ++rr) {
     const int first = (k * p.RPC + rr) * WPB;  // first channel (in group) of this round
@@ -218,8 +227,8 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
     const int64_t rbase = (bd * N * p.TC + t) * H + i0 + lane;  // + n*TC*H
     const int64_t cbase = (bd * N * p.TR + s) * W + j0 + lane;  // + n*TR*W
     auto issue = [&](int n) {
-      stage_bc<WPB>(Bbase + n * HW, Bbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
-      stage_bc<WPB>(Cbase + n * HW, Cbuf + (n & 1) * TILE, i0, j0, hb, wb, W);
+      copy_bc(Bbase + n * HW, Bbuf + (n & 1) * TILE);
+      copy_bc(Cbase + n * HW, Cbuf + (n & 1) * TILE);
       cp_async_commit();
     };
     // per-state scalars, loaded one state ahead: A, forward carries (hh, h), reverse carries (a*g, a*q)
@@ -233,9 +242,7 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
     };
     issue(0);
     load_next(0);
-    constexpr int PER = TS * TS / (WPB * 32);  // partial cells per thread: (warp + WPB*m, lane)
-    const int cell0 = (i0 + warp) * W + j0 + lane;
-    auto cell_ok = [&](int m) { return i0 + warp + m * WPB < H && j0 + lane < W; };
+    auto cell_ok = [&](int m) { return ((cells_ok >> m) & 1u) != 0u; };
     for (int n = 0; n < N; ++n) {
       const float An = nA, A2 = An * LOG2E;
       const float hh_in = nhh, h_in = nh;
@@ -249,9 +256,9 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       for (int m = 0; m < PER; ++m) {
         const int e = threadIdx.x + m * WPB * 32;  // cell (warp + WPB*m, lane) of the tile
         const bool in = rr > 0 && cell_ok(m);
-        const int o = in ? cell0 + m * WPB * W : 0;
-        cp_async4(OldC + e, dCn + o, in);
-        cp_async4(OldB + e, dBn + o, in);
+        const int o = cell0 + m * WPB * W;
+        cp_async4(OldC + e, in ? dCn + o : dCn, in);
+        cp_async4(OldB + e, in ? dBn + o : dBn, in);
       }
       cp_async_commit();
       __syncthreads();
@@ -310,9 +317,12 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       for (int m = 0; m < PER; ++m) {
         const int e = threadIdx.x + m * WPB * 32, sidx = (warp + m * WPB) * LD + lane;
         float acc = 0.f;
-        for (int w = 0; w < nvalid; ++w) {
+        // a fixed trip count with a uniform predicate: a loop over nvalid compiled to ~25 instructions of
+        // unrolling and remainder handling per cell (SASS) around 4 multiply-adds
+#pragma unroll
+        for (int w = 0; w < WPB; ++w) {
           const float* base = TY + w * 5 * TILE;
-          acc = fmaf(base[sidx], base[3 * TILE + sidx], acc);
+          if (w < nvalid) acc = fmaf(base[sidx], base[3 * TILE + sidx], acc);
         }
         if (cell_ok(m)) dCn[cell0 + m * WPB * W] = OldC[e] + acc;
       }
@@ -379,7 +389,9 @@ __global__ void __launch_bounds__(WPB * 32) bwd_final_kernel(Params p) {
       for (int m = 0; m < PER; ++m) {
         const int e = threadIdx.x + m * WPB * 32, sidx = (warp + m * WPB) * LD + lane;
         float acc = 0.f;
-        for (int w = 0; w < nvalid; ++w) acc += TY[w * 5 * TILE + 2 * TILE + sidx];
+#pragma unroll
+        for (int w = 0; w < WPB; ++w)
+          if (w < nvalid) acc += TY[w * 5 * TILE + 2 * TILE + sidx];
         if (cell_ok(m)) dBn[cell0 + m * WPB * W] = OldB[e] + acc;
       }
     }
