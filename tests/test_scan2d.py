@@ -172,8 +172,8 @@ def test_unknown_carry_layout_is_refused(monkeypatch):
     from gigamamba.ops import scan2d_cuda
 
     monkeypatch.setattr(scan2d_cuda, "CARRIES", "pass")  # a typo must not silently pick a layout
-    with pytest.raises(ValueError, match=r"one of \['blocked', 'passes', 'wavefront'\], got 'pass'"):
+    with pytest.raises(ValueError, match=r"one of \['passes', 'wavefront'\], got 'pass'"):
         scan2d_cuda._layout()
-    for name, code in (("passes", 0), ("wavefront", 1), ("blocked", 2)):
+    for name, code in (("passes", 0), ("wavefront", 1)):
         monkeypatch.setattr(scan2d_cuda, "CARRIES", name)
         assert scan2d_cuda._layout() == code

@@ -172,62 +172,32 @@ def test_dispatch_uses_kernel(ext):
 
 
 @pytest.mark.timeout(300, method="thread")  # a hand-over that never comes would hang the GPU call, not fail
-@pytest.mark.parametrize("layout", [1, 2], ids=["wavefront", "blocked"])
 @pytest.mark.parametrize("shape,n_state,groups,sizes", [
     ((1, 16, 489, 415), 16, None, None),                               # the BRCA canvas: 16 x 13 tiles
     ((3, 8, 70, 100), 8, 2, torch.tensor([[70, 100], [33, 64], [0, 7]])),  # padding, groups, an empty sample
 ])
-def test_wavefront_forward_matches_three_pass(ext, shape, n_state, groups, sizes, layout):
-    """The single-pass forward (tiles handing carries to their neighbours; layout 2 with register-blocked
-    tiles) against the three-pass layout: the output and the tile-edge carries that backward reuses."""
+def test_wavefront_forward_matches_three_pass(ext, shape, n_state, groups, sizes):
+    """The single-pass forward (tiles handing carries to their neighbours) against the three-pass layout:
+    the output and the tile-edge carries that backward reuses."""
     x, seed, kw = make_inputs(shape, n_state, groups)
     args = [x[k].cuda().float() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     u, delta, A, B, C, D, z, bias = args
     B5, C5 = (B.unsqueeze(1), C.unsqueeze(1)) if B.dim() == 4 else (B, C)
     sz = sizes.cuda().int() if sizes is not None else None
     mod = ext._load()
-    wave = mod.fwd(u, delta, A, B5, C5, D, z, bias, True, sz, 3, layout)
+    wave = mod.fwd(u, delta, A, B5, C5, D, z, bias, True, sz, 3, 1)
     three = mod.fwd(u, delta, A, B5, C5, D, z, bias, True, sz, 3, 0)
     for name, a, b in zip(("out", "row carries", "column carries"), wave, three):
         assert torch.isfinite(a).all(), f"non-finite {name}, seed={seed}"
         err = rel(a.double().cpu(), b.double().cpu())
         assert err < 2e-5, f"{name}: wavefront vs three-pass rel err {err:.2e}, seed={seed}"
-    again = mod.fwd(u, delta, A, B5, C5, D, z, bias, True, sz, 3, layout)[0]
+    again = mod.fwd(u, delta, A, B5, C5, D, z, bias, True, sz, 3, 1)[0]
     assert torch.equal(wave[0], again), f"wavefront forward not reproducible, seed={seed}"
 
 
 def test_passes_layout_still_matches_oracle(ext, monkeypatch):
     monkeypatch.setattr(ext, "CARRIES", "passes")
     check(ext, (2, 6, 33, 65), 16)
-
-
-@pytest.mark.parametrize("shape,n_state,groups", [
-    ((2, 6, 33, 65), 16, None),   # partial tiles on both edges
-    ((1, 4, 1, 300), 4, None),     # one row: only horizontal carries
-    ((1, 4, 300, 7), 4, None),     # one narrow column of tiles
-    ((2, 8, 40, 37), 64, 2),       # N = 64, groups
-    ((1, 4, 33, 65), 2, None),     # N = 2: fewer states than the copy ring holds
-])
-# A hand-over that never comes would hang the kernel (and the GPU call): the thread method ends the whole run
-@pytest.mark.timeout(300, method="thread")
-def test_blocked_layout_matches_oracle(ext, monkeypatch, shape, n_state, groups):
-    """The register-blocked forward (and the wavefront backward it feeds) against the float64 oracle."""
-    monkeypatch.setattr(ext, "CARRIES", "blocked")
-    check(ext, shape, n_state, groups=groups)
-
-
-@pytest.mark.timeout(300, method="thread")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_blocked_layout_half_precision(ext, monkeypatch, dtype):
-    monkeypatch.setattr(ext, "CARRIES", "blocked")
-    check(ext, (2, 6, 33, 65), 16, dtype=dtype)
-
-
-@pytest.mark.timeout(300, method="thread")
-def test_blocked_layout_plain_delta_no_gate_mixed_sizes(ext, monkeypatch):
-    """No softplus, no z/D/delta_bias, and per-sample sizes (an empty sample too), against the oracle."""
-    monkeypatch.setattr(ext, "CARRIES", "blocked")
-    check(ext, (3, 4, 40, 70), 4, softplus=False, full=False, sizes=torch.tensor([[40, 70], [17, 33], [0, 5]]))
 
 
 def test_deterministic_backward(ext):
@@ -263,9 +233,8 @@ SANITIZER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("carries", ["wavefront", "blocked"])
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_compute_sanitizer(ext, tool, carries, tmp_path):
+def test_compute_sanitizer(ext, tool, tmp_path):
     exe = shutil.which("compute-sanitizer") or (
         os.path.join(ext.cuda_home(), "bin", "compute-sanitizer") if ext.cuda_home() else None
     )
@@ -274,7 +243,7 @@ def test_compute_sanitizer(ext, tool, carries, tmp_path):
     script = tmp_path / "scan_tiny.py"
     script.write_text(SANITIZER_SCRIPT)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-               GIGAMAMBA_SCAN2D_CARRIES=carries)  # read at import: the forward layout under the sanitizer
+               GIGAMAMBA_SCAN2D_CARRIES="wavefront")  # read at import: the default layout, whatever the caller's
     proc = subprocess.run([exe, "--tool", tool, sys.executable, str(script)], capture_output=True, text=True,
                           env=env, timeout=900)
     log = proc.stdout + proc.stderr

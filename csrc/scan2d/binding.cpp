@@ -127,14 +127,14 @@ Tensor pending_carries(at::IntArrayRef shape, const Tensor& u) {
 }  // namespace
 
 // Returns (out, row carries, column carries); keep: bit 0 keeps the row carries, bit 1 the column carries
-// (undefined tensors otherwise). layout: 1 (or True) the one-pass wavefront (MODE 4); 2 the same wavefront with
-// register-blocked tiles (scan2d_fwd_blocked.cu; same carries); 0 (or False) the three-pass reference layout
-// (aggregates, short carry scans, output), kept beside them as the fallback and for tests.
+// (undefined tensors otherwise). layout: 1 (or True) the one-pass wavefront (MODE 4); 0 (or False) the three-pass
+// reference layout (aggregates, short carry scans, output), kept beside it as the fallback and for tests.
 std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tensor Cm, c10::optional<Tensor> Dv,
                                c10::optional<Tensor> z, c10::optional<Tensor> dbias, bool softplus,
                                c10::optional<Tensor> sizes, int64_t keep, int64_t layout) {
-  TORCH_CHECK(layout >= 0 && layout <= 2, "scan2d: forward layout must be 0, 1 or 2, got ", layout);
-  const bool wavefront = layout != 0;
+  TORCH_CHECK(layout == 0 || layout == 1,
+              "scan2d: forward layout must be 0 (passes) or 1 (wavefront), got ", layout);
+  const bool wavefront = layout == 1;
   Params p = make_params(u, delta, A, Bm, Cm, Dv, z, dbias, softplus, sizes);
   c10::cuda::CUDAGuard guard(u.device());
   cudaStream_t st = c10::cuda::getCurrentCUDAStream();
@@ -151,8 +151,7 @@ std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
     p.rowc = rowc.data_ptr<float>();
     p.colc = colc.data_ptr<float>();
     p.flags = flags.data_ptr<int>();
-    if (layout == 2) scan2d::launch_fwd_blocked(p, dt, st);
-    else scan2d::launch_fwd_tiles(p, 4, dt, st);
+    scan2d::launch_fwd_tiles(p, 4, dt, st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     forward_carries(p, dt, st, u, rowc, colc);

@@ -138,9 +138,7 @@ struct TileCopy {
 // The same copy with its address maths done per call: the forward passes keep it. They run capped at 168
 // registers, and there TileCopy's per-block state made ptxas rematerialise more than it saved (state loop of
 // MODE 4: 786 -> 874 SASS instructions).
-// STRIDE: the shared tile's row stride, padded (LD) where the tile is also read by columns, TS where it is
-// read only by rows as float4 (the register-blocked forward).
-template <int NW, int STRIDE = LD>
+template <int NW>
 __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* dst, int i0, int j0, int hb, int wb,
                                          int W) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -150,7 +148,7 @@ __device__ __forceinline__ void stage_bc(const float* __restrict__ src, float* d
   for (int m = 0; m < TS / NW; ++m) {
     const int r = warp + m * NW;
     const bool ok = jok && i0 + r < hb;
-    cp_async4(dst + r * STRIDE + lane, ok ? s0 + (int64_t)(m * NW) * W : src, ok);
+    cp_async4(dst + r * LD + lane, ok ? s0 + (int64_t)(m * NW) * W : src, ok);
   }
 }
 
@@ -222,7 +220,6 @@ __device__ __forceinline__ float settle_carry(const float* src, unsigned early) 
 
 // Kernel launchers (defined in scan2d_fwd.cu / scan2d_bwd.cu); dtype: 0 float, 1 half, 2 bfloat16.
 void launch_fwd_tiles(const Params& p, int mode, int dtype, cudaStream_t st);
-void launch_fwd_blocked(const Params& p, int dtype, cudaStream_t st);
 void launch_carry_scan(float* loc, const float* S, const float* A, int BD, int N, int D, int T, int lines,
                        bool reverse, cudaStream_t st);
 void launch_bwd_agg(const Params& p, int mode, int dtype, cudaStream_t st);

@@ -27,8 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", "-D", type=int, default=None, help="D (default 256 on CUDA, 32 on CPU)")
     parser.add_argument("--state", "-N", type=int, default=16, help="N, states per channel")
     parser.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16 (default fp32,bf16 on CUDA)")
-    parser.add_argument("--impls", default="ref,torch,cuda", help="which of ref,torch,cuda,cuda-passes (carries by separate passes),cuda-blocked "
-                             "(register-blocked forward tiles) to time")
+    parser.add_argument("--impls", default="ref,torch,cuda", help="which of ref,torch,cuda,cuda-passes (carries by separate passes) to time")
     parser.add_argument("--oracle-max-cells", type=int, default=256, help="run the loop oracle only up to H*W cells")
     parser.add_argument("--iters", type=int, default=50, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -128,18 +127,15 @@ def _impl(name):
         return scan2d_torch
     from gigamamba.ops import scan2d_cuda
 
-    # cuda-passes: the multi-pass carry layout the wavefront replaced; cuda-blocked: the wavefront forward with
-    # register-blocked tiles. Either against the default in the same run.
-    layout = {"cuda-passes": "passes", "cuda-blocked": "blocked"}.get(name)
-    if layout:
-        def other_layout(*a):
-            old, scan2d_cuda.CARRIES = scan2d_cuda.CARRIES, layout
+    if name == "cuda-passes":  # the multi-pass carry layout the wavefront replaced, for a same-run comparison
+        def passes_layout(*a):
+            old, scan2d_cuda.CARRIES = scan2d_cuda.CARRIES, "passes"
             try:
                 return scan2d_cuda.scan2d_cuda(*a)
             finally:
                 scan2d_cuda.CARRIES = old
 
-        return other_layout
+        return passes_layout
     return scan2d_cuda.scan2d_cuda
 
 

@@ -24,7 +24,7 @@ EXT_NAME = "gigamamba_scan2d"
 # The kernel sources sit in the checkout's csrc/ (outside the Python package), so a regular, non-editable
 # install (a cluster image) says where they are with GIGAMAMBA_CSRC.
 SOURCE_DIR = Path(os.environ.get("GIGAMAMBA_CSRC") or Path(__file__).resolve().parents[2] / "csrc" / "scan2d")
-SOURCES = ("binding.cpp", "scan2d_fwd.cu", "scan2d_fwd_blocked.cu", "scan2d_bwd.cu")
+SOURCES = ("binding.cpp", "scan2d_fwd.cu", "scan2d_bwd.cu")
 
 # Backward blocks to aim for when picking the number of channel chunks K of the dB/dC partials. More chunks
 # give the wavefront backward more independent blocks per tile; each costs one partial of dB and dC
@@ -124,11 +124,9 @@ def available() -> bool:
 
 # "wavefront": tiles hand carries to their neighbours inside one pass: the forward (right and down) and the
 # backward's final pass (up and left) (csrc/scan2d/NOTES.md, v8). "passes": the layout with aggregate passes and
-# short carry scans that it replaced, kept as the reference it is tested against. "blocked": the wavefront with
-# register-blocked tiles in the forward (scan2d_fwd_blocked.cu: each lane a block of 8 rows x 4 columns, only B
-# and C through shared memory); the same carries, so the same backward.
+# short carry scans that it replaced, kept as the reference it is tested against.
 CARRIES = os.environ.get("GIGAMAMBA_SCAN2D_CARRIES", "wavefront")
-_LAYOUTS = {"passes": 0, "wavefront": 1, "blocked": 2}
+_LAYOUTS = {"passes": 0, "wavefront": 1}
 
 
 def _layout() -> int:
