@@ -32,6 +32,7 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     # measured as a fresh `gigamamba embed` runs: in a new interpreter with torch not imported before
     # embed_cohort (this process has it imported), so the encoder check took the child-process path
     assert res["pipeline_process"] == "fresh" and res["torch_imported_before_embed"] is False
+    assert res["tiles_per_task"] == 8  # the chunk size is recorded: it moves the steady state (README)
     assert res["preload_modules"] is None  # joined a running Ray: its preload is whoever started it
     # every planned tile was embedded, and the rate is those tiles over the measured seconds
     assert res["end_to_end_tiles"] == res["tiles"] > 0

@@ -342,6 +342,17 @@ def test_split_layout_stages_trace_plan_and_first_chunk(cohort, tmp_path):
     assert read_trace(tmp_path) == events
 
 
+def test_spec_and_pipeline_agree_on_ingest_defaults():
+    """A spec without an ingest section and embed_cohort called with a bare spec must cut work the same way
+    (the bench's --tiles-per-task default comes from the spec's)."""
+    from gigamamba.ingest.pipeline import INGEST_DEFAULTS, _read_memory
+    from gigamamba.spec import DEFAULTS
+
+    assert DEFAULTS["ingest"] == INGEST_DEFAULTS
+    # the read tasks' memory hint covers what Ray Data measured them using (307 MiB at 64 tiles of 224 px)
+    assert _read_memory(INGEST_DEFAULTS["tiles_per_task"], 224) >= 307 << 20
+
+
 def test_encoder_actors_share_gpus_and_leave_cpus_for_reads():
     """Pool size and per-actor resources from the cluster's GPUs and CPUs (no Ray needed: a stand-in cluster)."""
     from gigamamba.ingest.pipeline import INGEST_DEFAULTS, _embed_resources, _read_slots

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gigamamba.spec import DEFAULTS
+
 
 def configure(parser) -> None:
     parser.add_argument("--workdir", default="runs/bench-ingest", help="cohort, store and results go here")
@@ -42,7 +44,8 @@ def configure(parser) -> None:
     parser.add_argument("--clam-slides", type=int, default=2,
                         help="slides the CLAM-style loop reads (it is slow; its rate is what counts)")
     parser.add_argument("--patch-px", type=int, default=256)
-    parser.add_argument("--tiles-per-task", type=int, default=32)
+    parser.add_argument("--tiles-per-task", type=int, default=DEFAULTS["ingest"]["tiles_per_task"],
+                        help="tiles per read chunk (default: the pipeline's, %(default)s)")
     parser.add_argument("--split-slides", action="store_true",
                         help="spread a slide's tile chunks over many read tasks (ingest.split_slides: true); "
                              "default: one task plans and reads a slide")
@@ -350,6 +353,7 @@ def run(args) -> int:
     results = {"machine": machine, "slides": len(jobs), "unique_slides": unique, "tiles": n_tiles,
                "tiles_per_slide": n_tiles / len(jobs),
                "encoder": args.encoder, "input_px": args.input_px, "batch_size": batch_size,
+               "tiles_per_task": args.tiles_per_task,
                "plan_seconds_single_process": round(plan_s, 2), "tiles_per_s": {}}
     print(f"{len(jobs)} slides, {n_tiles} tiles ({n_tiles / len(jobs):.0f} a slide); machine: {machine}",
           file=sys.stderr)
