@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "encoder": {"name": "resnet50-trunc", "weights": "imagenet", "batch_size": 64, "input_px": 224},
     "store": "{run_dir}/features.zarr",
     "ingest": {                      # gigamamba.ingest.pipeline (Ray Data)
-        "tiles_per_task": 64,        # tiles per chunk: one read+decode step, one block to the encoder (README: 64 vs 32)
+        "tiles_per_task": 64,        # tiles per chunk: one read+decode step, one block to the encoder (README)
         "split_slides": False,       # False: one task plans and reads a slide; True: its chunks over many tasks
         "embed_actors": None,        # encoder actor pool size; None: actors_per_gpu per GPU, else CPUs // 4 (>= 1)
         "actors_per_gpu": 1,         # encoder actors sharing a GPU (fractional num_gpus)

@@ -51,3 +51,14 @@ def test_bench_scan_kernels_flag_on_cpu_says_it_needs_cuda(capsys):
     out = capsys.readouterr().out
     assert "| 8x8 | 1 | fp32 | torch |" in out
     assert "needs CUDA" in out
+
+
+def test_bench_scan_refuses_an_unknown_implementation(capsys):
+    """A misspelt or removed name (cuda-blocked) must not time the default kernel under its label."""
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    args = parser.parse_args(["--device", "cpu", "--sizes", "1:8x8", "-D", "4", "-N", "2",
+                              "--impls", "torch,cuda-blocked", "--iters", "2", "--warmup", "0"])
+    assert bench.run(args) == 2
+    captured = capsys.readouterr()
+    assert "--impls cuda-blocked unknown" in captured.err and "| torch |" not in captured.out

@@ -7,7 +7,8 @@
 // WPB warps = WPB channels of one group on the same tile, so each B_n / C_n tile is staged in
 // shared memory once per block and read by all its warps.
 // Tiles meet through carries: hh at the tile's left edge per (row, n), h at its top edge per
-// (column, n). Those are found by "aggregate" passes plus a short scan across tiles (carry_scan).
+// (column, n). The default (wavefront) layout hands them from tile to tile inside one pass; the
+// three-pass fallback finds them by "aggregate" passes plus a short scan across tiles (carry_scan).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -112,7 +113,8 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // integer instructions a copy inside the state loop (SASS), more than the copy itself.
 template <int NW>
 struct TileCopy {
-  int off = 0;      // (i0 + warp) * W + j0 + lane within a plane (binding.cpp keeps H*W below 2^31)
+  int off = 0;      // (i0 + warp) * W + j0 + lane within a plane (scan2d_bwd in binding.cpp refuses a grid
+                    // whose padded plane, TR*32*W + TC*32, passes INT32_MAX: backward only)
   int step = 0;     // NW rows: NW * W
   unsigned ok = 0;  // bit m: row warp + m*NW of the tile lies inside the sample
   __device__ __forceinline__ TileCopy(int i0, int j0, int hb, int wb, int W) {

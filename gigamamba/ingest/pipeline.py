@@ -54,7 +54,7 @@ from gigamamba.slides.reader import SlideError
 _IMPORT_T1 = time.time()
 
 INGEST_DEFAULTS = {
-    "tiles_per_task": 64,     # tiles one read task decodes at a time (one block); 64 vs 32: +6% steady state (README)
+    "tiles_per_task": 64,     # tiles one read task decodes at a time (one block); half the per-chunk cost of 32 (README)
     "split_slides": False,    # False: one task plans and reads a slide; True: a slide's chunks over many tasks
     "embed_actors": None,     # actor pool size; None: actors_per_gpu per GPU, else max(1, CPUs // 4)
     "actors_per_gpu": 1,      # encoder actors sharing one GPU (fractional num_gpus)
@@ -375,18 +375,24 @@ def _embed_resources(ray, ingest: dict) -> dict:
 _PLAN_MEMORY = 512 << 20  # a tissue thumbnail (~1000 px or more a side) with its masks, and OpenSlide's caches
 
 
-def _read_slots(ray, ingest: dict, res: dict) -> int:
-    """Read tasks at once: the cluster's CPUs less those the encoder actors need.
+def _read_slots(ray, ingest: dict, res: dict, memory: int | None = None) -> int:
+    """Read tasks at once: the cluster's CPUs less those the encoder actors need, and no more than Ray's
+    `memory` resource holds at `memory` bytes a task (the read tasks' hint; None: CPUs alone).
 
     A read task that plans and reads a whole slide holds its CPU for seconds; with every CPU taken by
     reads, the encoder actor could not even start until a slide finished, and the GPU would sit idle.
+    The memory cap keeps the start-up line's "up to N read task(s)" to what Ray will actually run.
     """
     per = float(ingest["read_cpus"])
     if not per > 0:  # 0 would ask Ray for unbounded read tasks; NaN and negatives are typos
         raise ValueError(f"ingest.read_cpus must be > 0, got {ingest['read_cpus']}")
-    cpus = float(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 1))
     free = cpus - res["size"] * res["num_cpus"]
-    return max(1, int(free // per))
+    slots = max(1, int(free // per))
+    if memory and resources.get("memory"):
+        slots = min(slots, max(1, int(float(resources["memory"]) // memory)))
+    return slots
 
 
 def _file_size(path: str) -> int:
@@ -398,9 +404,9 @@ def _file_size(path: str) -> int:
 
 def _read_memory(tiles: int, input_px: int) -> int:
     # A worker's imports (Ray, pyarrow, OpenSlide, PIL, numpy) plus decoded tiles, their resized copies and the
-    # output block. The base is what Ray Data measured: read tasks peaked at 284 MiB with 32-tile chunks on a
-    # 16-core H100 node, against a 206 MiB hint with the old 192 MiB base (session 8).
-    return int(3 * tiles * input_px * input_px * 3 + (288 << 20))
+    # output block. Ray Data's issue detector measured read tasks at 284 MiB with 32-tile chunks and 307 MiB
+    # with 64 (224 px, 16-core H100 nodes, session 8) and advises 1.25x the peak: 384 MiB at 64 tiles.
+    return int(3 * tiles * input_px * input_px * 3 + (357 << 20))
 
 
 def encoder_spec(spec: dict) -> dict:
@@ -549,11 +555,12 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         slides.sort(key=lambda row: -_file_size(row["path"]))
         res = _embed_resources(ray, ingest)
         tissue = ingest.get("tissue") or {}
+        read_memory = _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))
         read_args = {"num_cpus": float(ingest["read_cpus"]),
                      # The memory hint is real (a chunk of decoded tiles plus OpenSlide's caches), and it also
                      # keeps Ray Data from fusing the reads into the embedding actors: decoding stays on CPUs.
-                     "memory": _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"])),
-                     "compute": ray.data.TaskPoolStrategy(size=_read_slots(ray, ingest, res))}
+                     "memory": read_memory,
+                     "compute": ray.data.TaskPoolStrategy(size=_read_slots(ray, ingest, res, read_memory))}
         # A read task yields a chunk of decoded tiles at a time; Ray Data would pack them into 128 MiB blocks
         # (~850 tiles) before any reaches the encoder. Blocks of about one chunk keep the GPU fed from the first
         # seconds. Datasets copy the context when created, so the global default is restored afterwards.

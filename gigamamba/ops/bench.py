@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -27,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", "-D", type=int, default=None, help="D (default 256 on CUDA, 32 on CPU)")
     parser.add_argument("--state", "-N", type=int, default=16, help="N, states per channel")
     parser.add_argument("--dtypes", default=None, help="comma-separated of fp32,bf16,fp16 (default fp32,bf16 on CUDA)")
-    parser.add_argument("--impls", default="ref,torch,cuda", help="which of ref,torch,cuda,cuda-passes (carries by separate passes) to time")
+    parser.add_argument("--impls", default="ref,torch,cuda", help=f"which of {','.join(IMPLS)} to time (cuda-passes: the kernel with carries by separate passes)")
     parser.add_argument("--oracle-max-cells", type=int, default=256, help="run the loop oracle only up to H*W cells")
     parser.add_argument("--iters", type=int, default=50, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -114,6 +115,9 @@ def _inputs(b, d, n, h, w, dtype, device, grad, seed):
             v.requires_grad_(True)
     x["dout"] = r(b, d, h, w).to(dtype)
     return x
+
+
+IMPLS = ("ref", "torch", "cuda", "cuda-passes")
 
 
 def _impl(name):
@@ -242,6 +246,10 @@ def run(args) -> int:
     n = args.state
     dtypes = (args.dtypes or ("fp32,bf16" if cuda else "fp32")).split(",")
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:  # an unknown name would otherwise time the default kernel under that label
+        print(f"gigamamba bench scan: --impls {','.join(unknown)} unknown; choose from {','.join(IMPLS)}", file=sys.stderr)
+        return 2
     if any(i.startswith("cuda") for i in impls):
         from gigamamba.ops import scan2d_cuda
 
