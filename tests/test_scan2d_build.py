@@ -4,6 +4,7 @@ nvcc the op falls back with one clear warning."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -30,6 +31,7 @@ def test_extension_compiles(tmp_path):
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "build-ext: built" in proc.stdout
+    assert "build-ext: C++ compiler " in proc.stdout and "was built with" in proc.stdout  # the ABI suspects, named
     built = list((tmp_path / "ext").rglob("gigamamba_scan2d*.so"))
     assert built, "no shared object was produced"
 
@@ -57,3 +59,17 @@ def test_cpu_tensors_use_the_pytorch_path():
     A = -torch.rand(3, 2, generator=g) - 0.5
     B, C = (torch.randn(1, 2, 5, 6, generator=g) for _ in range(2))
     assert torch.equal(scan2d(u, delta, A, B, C, z=z), scan2d_torch(u, delta, A, B, C, z=z))
+
+
+def test_compiler_report_names_both_compilers(monkeypatch):
+    """build-ext's first line: which compiler builds the extension and which built torch (on the H100 machine a
+    failed check crashed the process; a compiler mismatch is the first suspect)."""
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    line = scan2d_cuda.compiler_report()
+    assert line.startswith("C++ compiler no-such-compiler-here (not on PATH, "), line
+    assert "ABI check FAILED" in line or "version unknown" in line, line  # torch says 0.0.0, or raises
+    assert f"torch {torch.__version__} was built with " in line
+    if shutil.which("g++"):
+        monkeypatch.setenv("CXX", "g++")
+        line = scan2d_cuda.compiler_report()
+        assert "g++ (/" in line and "torch's ABI check" in line, line

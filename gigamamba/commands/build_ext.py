@@ -31,6 +31,7 @@ def run(args) -> int:
     if scan2d_cuda.cuda_home() is None:
         print("build-ext: nvcc (the CUDA compiler) was not found; set CUDA_HOME", file=sys.stderr)
         return 1
+    print(f"build-ext: {scan2d_cuda.compiler_report()}")
     t0 = time.perf_counter()
     try:
         module = scan2d_cuda.build(verbose=not args.quiet)

@@ -99,6 +99,27 @@ def _load(verbose: bool = False):
         return _ext
 
 
+def compiler_report() -> str:
+    """One line: the C++ compiler cpp_extension will use (CXX, else c++), its version, and the GCC torch was
+    built with. Printed by `gigamamba build-ext`: on the session-8 H100 machine every failed check in the
+    extension crashed the process instead of raising (csrc/scan2d/NOTES.md), and a compiler that differs from
+    torch's is the first suspect."""
+    import re
+
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    where = shutil.which(compiler) or "not on PATH"
+    try:
+        ok, version = cpp_extension.get_compiler_abi_compatibility_and_version(compiler)
+        ours = f"version {version}; torch's ABI check {'passed' if ok else 'FAILED'}"
+    except Exception as exc:  # a compiler that cannot even report its version
+        ours = f"version unknown ({type(exc).__name__})"
+    built = re.search(r"^\s*-\s*GCC\s+([\d.]+)", torch.__config__.show(), re.M)
+    theirs = f"GCC {built.group(1)}" if built else "an unrecorded compiler"
+    return f"C++ compiler {compiler} ({where}, {ours}); torch {torch.__version__} was built with {theirs}"
+
+
 def build(verbose: bool = True):
     """Build the extension ahead of time (for cluster images); returns the loaded module."""
     return _load(verbose=verbose)
