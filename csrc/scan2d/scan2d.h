@@ -164,32 +164,6 @@ __device__ __forceinline__ int wavefront_ticket(const Params& p) {
   return ticket;
 }
 
-// The work of forward-style block (or ticket) vb: sample b, tile (s, t), group g and a chunk of NW channels,
-// chunks fastest; warp `warp` takes the chunk's channel of that index, d, valid when the group has one.
-// The sample's extent (sample_extent) stays with the caller: folded in here, ptxas scheduled MODE 4 otherwise.
-struct FwdTile {
-  int b, g, d, s, t, i0, j0;
-  bool valid;
-};
-template <int NW>
-__device__ __forceinline__ FwdTile fwd_tile_of(const Params& p, int vb, int warp) {
-  const int cpg = (p.Dg + NW - 1) / NW;
-  const int chunks = p.G * cpg, ntiles = p.TR * p.TC;
-  const int gc = vb % chunks;
-  const int tile = (vb / chunks) % ntiles;
-  FwdTile f;
-  f.b = vb / chunks / ntiles;
-  f.g = gc / cpg;
-  const int cig = (gc % cpg) * NW + warp;
-  f.valid = cig < p.Dg;
-  f.d = f.g * p.Dg + (f.valid ? cig : 0);
-  f.s = tile / p.TC;
-  f.t = tile % p.TC;
-  f.i0 = f.s * TS;
-  f.j0 = f.t * TS;
-  return f;
-}
-
 // Wavefront hand-over between blocks (single-pass forward, backward's final pass). The carry itself is the ready flag: the carry
 // buffers are filled with a NaN bit pattern no arithmetic produces (GPU NaNs are canonical), the producer
 // stores each carry once (a 4-byte store is single-copy atomic), and the consumer polls its own element

@@ -32,10 +32,21 @@ __global__ void __launch_bounds__(fwd_warps(MODE) * 32, MODE >= 2 ? 3 : 2) fwd_t
   float* T0 = Sring + NBUF * NW * SCAL + warp * 2 * TILE;  // delta staging, then a = exp(delta A)
   float* T1 = T0 + TILE;                        // u staging, then hh
 
+  // Block (or ticket) vb: sample b, tile (s, t), group g and a chunk of NW channels, chunks fastest; warp `warp`
+  // takes the chunk's channel of that index, d, valid when the group has one.
   // wavefront: dynamic block order, so a tile's dependencies are always handed out first
-  const FwdTile job = fwd_tile_of<NW>(p, WAVE ? wavefront_ticket(p) : (int)blockIdx.x, warp);
-  const int b = job.b, g = job.g, d = job.d, s = job.s, t = job.t, i0 = job.i0, j0 = job.j0;
-  const bool valid = job.valid;
+  const int vb = WAVE ? wavefront_ticket(p) : (int)blockIdx.x;
+  const int cpg = (p.Dg + NW - 1) / NW;
+  const int chunks = p.G * cpg, ntiles = p.TR * p.TC;
+  const int gc = vb % chunks;
+  const int tile = (vb / chunks) % ntiles;
+  const int b = vb / chunks / ntiles;
+  const int g = gc / cpg;
+  const int cig = (gc % cpg) * NW + warp;
+  const bool valid = cig < p.Dg;
+  const int d = g * p.Dg + (valid ? cig : 0);
+  const int s = tile / p.TC, t = tile % p.TC;
+  const int i0 = s * TS, j0 = t * TS;
   const int H = p.H, W = p.W, N = p.N;
   int hb, wb;
   sample_extent(p, b, hb, wb);
