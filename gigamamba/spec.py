@@ -28,13 +28,15 @@ DEFAULTS: dict[str, Any] = {
     "encoder": {"name": "resnet50-trunc", "weights": "imagenet", "batch_size": 64, "input_px": 224},
     "store": "{run_dir}/features.zarr",
     "ingest": {                      # gigamamba.ingest.pipeline (Ray Data)
-        "tiles_per_task": 64,        # tiles per chunk: one read+decode step, one block to the encoder (README)
+        "tiles_per_task": 64,        # tiles per chunk: one read+decode step, one block to the encoder; half
+                                     # the per-chunk cost of 32 (README)
         "split_slides": False,       # False: one task plans and reads a slide; True: its chunks over many tasks
         "embed_actors": None,        # encoder actor pool size; None: actors_per_gpu per GPU, else CPUs // 4 (>= 1)
         "actors_per_gpu": 1,         # encoder actors sharing a GPU (fractional num_gpus)
         "calls_per_actor": 2,        # batches an encoder actor assembles at once (the encoder runs one at a time)
         "cpus_per_actor": 1,         # CPU-only clusters: Ray CPUs (= torch threads) per encoder actor
-        "gpu_actor_cpus": 0,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU)
+        "gpu_actor_cpus": 0,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU;
+                                     # README, bench ingest)
         "read_cpus": 1,              # Ray CPUs per read task
         "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)
     },

@@ -50,20 +50,13 @@ from gigamamba.features.probe import EncoderProbe
 from gigamamba.features.store import GridStore
 from gigamamba.ingest.plan import SlideJob, SlidePlan, failure, plan_slide, read_slide_jobs, tile_chunks
 from gigamamba.slides.reader import SlideError
+from gigamamba.spec import DEFAULTS
 
 _IMPORT_T1 = time.time()
 
-INGEST_DEFAULTS = {
-    "tiles_per_task": 64,     # tiles one read task decodes at a time (one block); half the per-chunk cost of 32 (README)
-    "split_slides": False,    # False: one task plans and reads a slide; True: a slide's chunks over many tasks
-    "embed_actors": None,     # actor pool size; None: actors_per_gpu per GPU, else max(1, CPUs // 4)
-    "actors_per_gpu": 1,      # encoder actors sharing one GPU (fractional num_gpus)
-    "calls_per_actor": 2,     # encoder calls an actor batches at once (the encoder itself runs one at a time)
-    "cpus_per_actor": 1,      # CPU actors: Ray CPUs (and torch threads) per actor
-    "gpu_actor_cpus": 0,      # GPU actors: Ray CPUs each reserves (0: reads may take every CPU; README, bench)
-    "read_cpus": 1,           # Ray CPUs per read task
-    "tissue": {},             # overrides of gigamamba.slides.tissue.DEFAULTS
-}
+# The spec's ingest section is the one list of defaults (gigamamba/spec.py says what each key does); embed_cohort
+# called with a spec that lacks some keys falls back to the same values. Read-only here: callers merge over it.
+INGEST_DEFAULTS = DEFAULTS["ingest"]
 
 
 # ----------------------------------------------------------------------------- start-up trace
