@@ -38,8 +38,6 @@ DEFAULTS: dict[str, Any] = {
         "gpu_actor_cpus": 0,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU;
                                      # README, bench ingest)
         "read_cpus": 1,              # Ray CPUs per read task
-        "plan_ahead": 32,            # slides per read task planned in plain Ray tasks while Ray Data starts
-                                     # (0: every slide is planned in its read task; pipeline.plan_ahead)
         "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)
     },
     "ray": {"address": None, "num_cpus": None, "num_gpus": None,

@@ -71,6 +71,10 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     assert 0 <= b["actor_gap_seconds_median"] < res["end_to_end_seconds"]
     assert 0 < b["plan_seconds_median"] <= b["plan_seconds_max"] < b["embed_end"]
     assert b["first_chunk_read"] <= b["last_chunk_read"] <= b["embed_end"]
+    # the last read process to start its first read task started after the first and before the end
+    assert b["read_task_start"] <= b["read_processes_all_started"] <= b["embed_end"]
+    if "startup_cost_seconds" in b:  # only when tiles were decoded after the first batch
+        assert b["startup_cost_seconds"] <= b["first_batch"]
     # the CPU sampler saw the run: the driver and the read tasks used CPU, and no kind used more than the machine
     cpu = res["cpu"]["all"]
     assert cpu["seconds"] > 0 and cpu["driver"] > 0 and cpu["read"] + cpu["encoder"] > 0, cpu

@@ -117,20 +117,15 @@ def test_features_sit_in_the_cells_they_came_from(cohort, ray_local):
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("layout", [{"split_slides": True}, {"plan_ahead": 1}, {"plan_ahead": 0}],
-                         ids=["split_slides", "plan_ahead_some", "plan_ahead_none"])
-def test_other_layouts_give_the_same_store_and_errors(cohort, ray_local, layout):
-    """Every layout writes what the default (one task per slide, every slide here planned ahead) does:
-    `split_slides: true` (a slide's chunks over many read tasks); `plan_ahead: 1` (one slide per read slot
-    planned ahead, the rest, bad slides among them, in their read tasks); `plan_ahead: 0` (none ahead)."""
+def test_split_slides_mode_gives_the_same_store_and_errors(cohort, ray_local):
+    """`ingest.split_slides: true` (a slide's chunks over many read tasks) writes what one task per slide does."""
     from gigamamba.ingest.pipeline import embed_cohort
 
     one = _store_a(cohort)
-    name = "-".join(f"{k}{v}" for k, v in layout.items()) + ".zarr"
-    spec = _spec(cohort, name)
-    spec["ingest"].update(layout)
+    spec = _spec(cohort, "split.zarr")
+    spec["ingest"]["split_slides"] = True
     df = embed_cohort(spec, progress=False).set_index("slide_id")
-    split = GridStore(cohort / name)
+    split = GridStore(cohort / "split.zarr")
     assert split.complete_slides() == one.complete_slides()
     for sid in one.complete_slides():
         (f1, m1), (f2, m2) = one.read(sid), split.read(sid)
@@ -266,13 +261,10 @@ def _first(events, name, **match):
     return min(ts)
 
 
-@pytest.mark.parametrize("plan_ahead", [32, 0])
-def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path, monkeypatch, plan_ahead):
+def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path, monkeypatch):
     """GIGAMAMBA_INGEST_TRACE: driver, read tasks and encoder actor each write their events, in order.
 
     ray_local started before the variable was set, so the workers' events prove trace_dir is passed to them.
-    plan_ahead 32 (the default): every slide of this cohort is planned in a plan-ahead task before the
-    dataset is built, and its read task reads without planning again; 0: each read task plans its slide.
     """
     import os
 
@@ -280,9 +272,7 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
 
     trace = tmp_path / "trace"
     monkeypatch.setenv(TRACE_ENV, str(trace))
-    spec = _spec(cohort, "trace.zarr")
-    spec["ingest"]["plan_ahead"] = plan_ahead
-    df = embed_cohort(spec, overwrite=True, progress=False).set_index("slide_id")
+    df = embed_cohort(_spec(cohort, "trace.zarr"), overwrite=True, progress=False).set_index("slide_id")
     events = read_trace(trace)
     driver = [e for e in events if e["pid"] == os.getpid()]
     assert [e["event"] for e in driver][0] == "embed_start" and driver[-1]["event"] == "embed_end"
@@ -290,8 +280,7 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
         "embed_start", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "actor_init_start",
         "actor_imports_done", "actor_model_ready", "actor_first_call_start", "actor_first_call_done",
         "first_batch", "first_slide_complete", "embed_end")}
-    assert t["embed_start"] <= t["dataset_built"] <= t["read_task_start"] <= t["first_chunk_read"]
-    assert t["plan_done"] <= t["first_chunk_read"]
+    assert t["embed_start"] <= t["dataset_built"] <= t["read_task_start"] <= t["plan_done"] <= t["first_chunk_read"]
     assert (t["embed_start"] <= t["actor_init_start"] <= t["actor_imports_done"] <= t["actor_model_ready"]
             <= t["actor_first_call_start"] <= t["actor_first_call_done"] <= t["embed_end"])
     # the first batch back may hold only the error rows of slides that failed planning, so it can come before
@@ -302,20 +291,11 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
     # the stages ran in Ray workers, not in the driver
     for name in ("read_task_start", "first_chunk_read", "actor_model_ready"):
         assert {e["pid"] for e in events if e["event"] == name} - {os.getpid()}, name
-    # every slide that reached planning: start, then plan_done, once; only planned slides read a first chunk
+    # every slide that reached planning: start, then plan_done; only planned slides read a first chunk
     planned = {e["slide_id"] for e in events if e["event"] == "read_task_start"}
     assert planned == set(df.index) - {"dup", "../x"}  # rejected from the CSV, never planned
-    ahead = {e["slide_id"] for e in events if e["event"] == "plan_task_start"}
-    assert ahead == (planned if plan_ahead else set())
-    if plan_ahead:
-        assert _first(events, "plan_ahead_submitted") <= t["dataset_built"]
     for sid in planned:
-        start = "plan_task_start" if plan_ahead else "read_task_start"
-        done = [e for e in events if e["event"] == "plan_done" and e["slide_id"] == sid]
-        assert len(done) == 1 and done[0]["ahead"] == bool(plan_ahead), (sid, done)  # planned once, where said
-        assert _first(events, start, slide_id=sid) <= done[0]["t"]
-        read = [e for e in events if e["event"] == "read_task_start" and e["slide_id"] == sid]
-        assert len(read) == 1 and read[0].get("planned_ahead", False) == bool(plan_ahead)
+        assert _first(events, "read_task_start", slide_id=sid) <= _first(events, "plan_done", slide_id=sid)
     read = {e["slide_id"] for e in events if e["event"] == "first_chunk_read"}
     assert set(df.index[df.status == "complete"]) | {"badtile"} <= read <= planned - {"blank", "nompp", "gone"}
     assert all(e["seconds"] >= 0 for e in events if e["event"] == "plan_done")
@@ -448,37 +428,3 @@ def test_start_up_heartbeat_prints_until_stopped(capsys):
     time.sleep(0.05)
     quiet.set()
     assert capsys.readouterr().err == ""
-
-
-def test_a_lost_plan_ahead_task_is_planned_again_in_the_read_task(cohort, ray_local, tmp_path):
-    """A plan-ahead task that Ray loses (its worker died) must not fail the slide: the read task plans it."""
-    from gigamamba.ingest.pipeline import plan_and_read_slides, read_trace
-
-    @ray_local.remote(max_retries=0)
-    def lost():
-        raise SystemExit(1)  # a worker that exits mid-task: ray.get raises, as for a crash
-
-    row = {"slide_id": "clas000", "case_id": "c0", "path": str(cohort / "slides" / "clas000.svs"),
-           "mpp": float("nan"), "line": 2}
-    batch = {k: np.array([v], dtype=object if isinstance(v, str) else None) for k, v in row.items()}
-    out = list(plan_and_read_slides(batch, TILING, {"min_side": 256}, 8, 32, trace_dir=str(tmp_path),
-                                    planned={"clas000": [lost.remote()]}))
-    assert sum(len(b["i"]) for b in out) == out[0]["n_tiles"][0] > 0 and not any(e for b in out for e in b["error"])
-    events = [e["event"] for e in read_trace(tmp_path)]
-    assert events[:4] == ["read_task_start", "plan_ahead_lost", "read_task_start", "plan_done"], events[:4]
-
-
-@pytest.mark.parametrize("value", [-1, 1.5, "8", True, None])
-def test_plan_ahead_refuses_what_is_not_a_slide_count(value):
-    from gigamamba.ingest.pipeline import _plan_ahead_limit
-
-    with pytest.raises(ValueError, match="ingest.plan_ahead"):
-        _plan_ahead_limit({"plan_ahead": value}, 4)
-
-
-def test_plan_ahead_limit_is_per_read_slot():
-    from gigamamba.ingest.pipeline import _plan_ahead_limit
-
-    assert _plan_ahead_limit({"plan_ahead": 32}, 16) == 512
-    assert _plan_ahead_limit({"plan_ahead": 0}, 16) == 0
-    assert _plan_ahead_limit({}, 3) == 0  # a spec without the key (embed_cohort merges the defaults first)

@@ -57,9 +57,6 @@ def configure(parser) -> None:
                         help="Ray CPUs a GPU encoder actor reserves (default 0: reads take every CPU)")
     parser.add_argument("--read-cpus", type=float, default=None,
                         help="Ray CPUs a read task reserves (default 1); below 1 runs more read tasks than cores")
-    parser.add_argument("--plan-ahead", type=int, default=DEFAULTS["ingest"]["plan_ahead"],
-                        help="slides per read task planned in plain Ray tasks while Ray Data starts "
-                             f"(default {DEFAULTS['ingest']['plan_ahead']}; 0: planned in the read tasks)")
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--preload", default="",
@@ -170,8 +167,8 @@ def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -
 
 # trace events in startup_breakdown (under their own names); the first occurrence over all processes counts
 _STARTUP_EVENTS = (
-    "zarr_imported", "ray_ready", "multinode_checked", "store_opened", "store_ready", "plan_ahead_submitted",
-    "plan_task_start", "dataset_start", "encoder_probe_done", "dataset_built", "read_task_start", "plan_done", "first_chunk_read",
+    "zarr_imported", "ray_ready", "multinode_checked", "store_opened", "store_ready", "dataset_start",
+    "encoder_probe_done", "dataset_built", "read_task_start", "plan_done", "first_chunk_read",
     "actor_init_start", "actor_imports_done", "actor_cuda_ready", "actor_model_ready", "actor_first_call_start",
     "actor_first_call_done", "first_batch", "first_slide_complete", "last_chunk_read", "embed_end",
 )
@@ -241,19 +238,15 @@ def startup_breakdown(events: list[dict]) -> dict:
     if plans:
         out["plan_seconds_median"] = round(float(np.median(plans)), 3)
         out["plan_seconds_max"] = round(float(np.max(plans)), 3)
-    ahead = [e for e in events if e["event"] == "plan_done" and e.get("ahead")]
-    if ahead:  # plan_ahead's tasks: how many, and when the last one was done
-        out["plan_ahead_slides"] = len(ahead)
-        out["plan_ahead_done"] = round(max(e["t"] for e in ahead) - t0, 3)
-    firsts = {}  # each read process's first read task: when every read slot was busy
+    firsts: dict = {}  # each read process's first read task: when every read slot was busy
     for e in events:
         if e["event"] == "read_task_start":
             firsts[e["pid"]] = min(firsts.get(e["pid"], e["t"]), e["t"])
     if firsts:
         out["read_processes_all_started"] = round(max(firsts.values()) - t0, 3)
     if out.get("decode_rate_after_first_batch"):
-        # the start-up's cost: time to the first batch less what the tiles decoded by then would take at the
-        # later rate (seconds of steady decoding lost)
+        # what the start-up cost: the time to the first batch less the time the tiles decoded by then would
+        # take at the later rate (seconds of steady decoding lost; README, session 9)
         out["startup_cost_seconds"] = round(out["first_batch"] - out["tiles_decoded_before_first_batch"]
                                             / out["decode_rate_after_first_batch"], 2)
     out["actors"] = len({e["pid"] for e in events if e["event"] == "actor_init_start"})
@@ -371,7 +364,7 @@ def run(args) -> int:
     results = {"machine": machine, "slides": len(jobs), "unique_slides": unique, "tiles": n_tiles,
                "tiles_per_slide": n_tiles / len(jobs),
                "encoder": args.encoder, "input_px": args.input_px, "batch_size": batch_size,
-               "tiles_per_task": args.tiles_per_task, "plan_ahead": args.plan_ahead,
+               "tiles_per_task": args.tiles_per_task,
                "plan_seconds_single_process": round(plan_s, 2), "tiles_per_s": {}}
     print(f"{len(jobs)} slides, {n_tiles} tiles ({n_tiles / len(jobs):.0f} a slide); machine: {machine}",
           file=sys.stderr)
@@ -409,8 +402,7 @@ def run(args) -> int:
             torch.cuda.empty_cache()
 
     if "pipeline" not in args.skip:
-        ingest = {"tiles_per_task": args.tiles_per_task, "split_slides": bool(args.split_slides),
-                  "plan_ahead": args.plan_ahead}
+        ingest = {"tiles_per_task": args.tiles_per_task, "split_slides": bool(args.split_slides)}
         if args.embed_actors:
             ingest["embed_actors"] = args.embed_actors
         if args.cpus_per_actor:

@@ -117,29 +117,27 @@ def _process_start() -> float | None:
 # ----------------------------------------------------------------------------- Ray stages
 
 def plan_rows(row: dict, tiling: dict, tissue: dict, tiles_per_chunk: int,
-              trace_dir: str | None = None, event: str = "read_task_start") -> list[dict]:
+              trace_dir: str | None = None) -> list[dict]:
     """Ray Data stage: one slide -> its tile chunks, or one error row when it cannot be planned.
 
     Every chunk carries the slide's n_tiles and grid shape, so the driver can count tiles as they come
     back; the first chunk also carries the pickled SlidePlan (mask and attrs), needed once per slide.
-    Also the body of a plan-ahead task (`event` "plan_task_start"; see plan_ahead).
     """
     import pickle
 
     job = SlideJob.from_row(row)
-    _trace(trace_dir, event, slide_id=job.slide_id, **_worker_times())
-    done = {"slide_id": job.slide_id, "ahead": event != "read_task_start"}  # the plan_done event's fields
+    _trace(trace_dir, "read_task_start", slide_id=job.slide_id, **_worker_times())
     t0 = time.perf_counter()
     try:
         plan = plan_slide(job, tiling, tissue)
     except SlideError as exc:
-        _trace(trace_dir, "plan_done", **done, seconds=time.perf_counter() - t0, error=True)
+        _trace(trace_dir, "plan_done", slide_id=job.slide_id, seconds=time.perf_counter() - t0, error=True)
         return [_plan_error(job, str(exc))]
     except Exception as exc:  # an unreadable file can raise anything from deep inside a decoder
-        _trace(trace_dir, "plan_done", **done, seconds=time.perf_counter() - t0, error=True)
+        _trace(trace_dir, "plan_done", slide_id=job.slide_id, seconds=time.perf_counter() - t0, error=True)
         return [_plan_error(job, f"slide {job.slide_id}: cannot read {job.path} "
                                  f"({type(exc).__name__}: {' '.join(str(exc).split())})")]
-    _trace(trace_dir, "plan_done", **done, seconds=time.perf_counter() - t0, n_tiles=plan.n_tiles)
+    _trace(trace_dir, "plan_done", slide_id=job.slide_id, seconds=time.perf_counter() - t0, n_tiles=plan.n_tiles)
     chunks = tile_chunks(plan, tiles_per_chunk)
     h, w = plan.lattice.shape
     for k, chunk in enumerate(chunks):
@@ -199,54 +197,13 @@ def read_tiles_batch(batch: dict, input_px: int, trace_dir: str | None = None) -
 
 
 def plan_and_read_slides(batch: dict, tiling: dict, tissue: dict, tiles_per_chunk: int, input_px: int,
-                         trace_dir: str | None = None, planned: dict | None = None):
+                         trace_dir: str | None = None):
     """Ray Data stage (one task per slide, `split_slides: false`): plan the slide, then yield its decoded
-    tile chunks one by one, so they stream to the encoder while the rest of the slide is read.
-
-    planned: {slide_id: [ObjectRef]} of plan_ahead; a slide found there takes its chunks from that task.
-    """
+    tile chunks one by one, so they stream to the encoder while the rest of the slide is read."""
     for k in range(len(batch["slide_id"])):
         row = {key: batch[key][k] for key in batch}
-        chunks = _planned_chunks(planned, row, trace_dir)
-        if chunks is None:
-            chunks = plan_rows(row, tiling, tissue, tiles_per_chunk, trace_dir)
-        for chunk in chunks:
+        for chunk in plan_rows(row, tiling, tissue, tiles_per_chunk, trace_dir):
             yield read_tiles_batch({key: [value] for key, value in chunk.items()}, input_px, trace_dir)
-
-
-def plan_ahead(ray, slides: list[dict], limit: int, tiling: dict, tissue: dict, tiles_per_chunk: int,
-               trace_dir: str | None = None) -> dict[str, list]:
-    """Plan the first `limit` slides in plain Ray tasks, started before the Ray Data dataset is built.
-
-    Between the store being opened and Ray Data's first read task, 3-4 s pass on a 16-core GPU node with the
-    cores idle (README, bench ingest); planning (tissue mask and lattice, ~0.16 s a slide there) otherwise
-    runs inside the read tasks, where it takes CPU from decoding. Planned here, it fills that idle time, and
-    the read tasks only read. Slides past `limit` are planned in their read task as before, so memory holds
-    at most `limit` plans (a cell mask and the cells' coordinates: tens of KB a slide).
-    Returns {slide_id: [ObjectRef of plan_rows' output]}: the list keeps Ray Data from resolving the ref where
-    it travels (fn_kwargs), so each read task fetches only its own slide's plan.
-    """
-    if limit <= 0 or not slides:
-        return {}
-    task = ray.remote(plan_rows).options(num_cpus=1, memory=_PLAN_MEMORY, name="plan_slide")
-    return {row["slide_id"]: [task.remote(row, tiling, tissue, tiles_per_chunk, trace_dir, "plan_task_start")]
-            for row in slides[:limit]}
-
-
-def _planned_chunks(planned: dict | None, row: dict, trace_dir: str | None) -> list[dict] | None:
-    """The chunks a plan-ahead task made for this row's slide; None when there is none, or it was lost (a
-    worker that died): the read task then plans the slide itself."""
-    ref = (planned or {}).get(str(row["slide_id"]))
-    if not ref:
-        return None
-    import ray
-
-    _trace(trace_dir, "read_task_start", slide_id=str(row["slide_id"]), planned_ahead=True, **_worker_times())
-    try:
-        return ray.get(ref[0])
-    except Exception as exc:  # plan_rows itself never raises: this is Ray losing the task
-        _trace(trace_dir, "plan_ahead_lost", slide_id=str(row["slide_id"]), error=type(exc).__name__)
-        return None
 
 
 PASS_THROUGH = ("slide_id", "i", "j", "error", "plan", "n_tiles", "H", "W")
@@ -431,14 +388,6 @@ def _read_slots(ray, ingest: dict, res: dict, memory: int | None = None) -> int:
     return slots
 
 
-def _plan_ahead_limit(ingest: dict, read_slots: int) -> int:
-    """Slides planned ahead: ingest.plan_ahead per read slot (0: none)."""
-    per = ingest.get("plan_ahead", 0)
-    if per is None or isinstance(per, bool) or not isinstance(per, (int, float)) or per < 0 or per != int(per):
-        raise ValueError(f"ingest.plan_ahead must be a whole number >= 0 (slides per read task), got {per!r}")
-    return int(per) * max(1, int(read_slots))
-
-
 def _file_size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -463,7 +412,7 @@ def encoder_spec(spec: dict) -> dict:
 
 
 def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, tiling: dict, tissue: dict,
-                   read_args: dict, trace_dir: str | None = None, planned: dict | None = None):
+                   read_args: dict, trace_dir: str | None = None):
     """slides -> (plan, read) -> encoder actors, as a lazy Ray Data dataset (see the module docstring)."""
     ds = ray.data.from_items(slides, override_num_blocks=len(slides))
     if ingest["split_slides"]:
@@ -480,8 +429,7 @@ def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, 
     else:
         ds = ds.map_batches(plan_and_read_slides, batch_size=1, batch_format="numpy",
                             fn_kwargs={"tiling": tiling, "tissue": tissue, "input_px": int(enc["input_px"]),
-                                       "tiles_per_chunk": int(ingest["tiles_per_task"]), "trace_dir": trace_dir,
-                                       "planned": planned or {}},
+                                       "tiles_per_chunk": int(ingest["tiles_per_task"]), "trace_dir": trace_dir},
                             **read_args)
     # calls_per_actor > 1: Ray Data assembles the next batch from its chunk blocks (and ships the last
     # output) in another thread of the actor while the encoder runs; the encoder calls stay one at a time.
@@ -602,17 +550,11 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         res = _embed_resources(ray, ingest)
         tissue = ingest.get("tissue") or {}
         read_memory = _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))
-        read_slots = _read_slots(ray, ingest, res, read_memory)
-        planned = {}
-        if not ingest["split_slides"]:  # first, so the planning runs while Ray Data starts (plan_ahead says why)
-            planned = plan_ahead(ray, slides, _plan_ahead_limit(ingest, read_slots), tiling, tissue,
-                                 int(ingest["tiles_per_task"]), trace_dir)
-            _trace(trace_dir, "plan_ahead_submitted", slides=len(planned))
         read_args = {"num_cpus": float(ingest["read_cpus"]),
                      # The memory hint is real (a chunk of decoded tiles plus OpenSlide's caches), and it also
                      # keeps Ray Data from fusing the reads into the embedding actors: decoding stays on CPUs.
                      "memory": read_memory,
-                     "compute": ray.data.TaskPoolStrategy(size=read_slots)}
+                     "compute": ray.data.TaskPoolStrategy(size=_read_slots(ray, ingest, res, read_memory))}
         # A read task yields a chunk of decoded tiles at a time; Ray Data would pack them into 128 MiB blocks
         # (~850 tiles) before any reaches the encoder. Blocks of about one chunk keep the GPU fed from the first
         # seconds. Datasets copy the context when created, so the global default is restored afterwards.
@@ -622,7 +564,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         context.target_max_block_size = max(1 << 20, chunk_bytes * 3 // 2)
         _trace(trace_dir, "dataset_start")  # store_ready -> here -> dataset_built: where a slow driver start goes
         try:
-            ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args, trace_dir, planned)
+            ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args, trace_dir)
         finally:
             context.target_max_block_size = default_block
         _trace(trace_dir, "dataset_built", actors=res["size"])
