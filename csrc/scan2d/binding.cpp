@@ -8,14 +8,35 @@
 
 #include "scan2d.h"
 
-// The binding's checks throw std::runtime_error (Python: RuntimeError with the message), not c10::Error.
-// On the lent H100 machines (torch 2.11, sessions 8-9) every c10::Error constructed in this extension's code
-// -- a failed TORCH_CHECK, C10_CUDA_KERNEL_LAUNCH_CHECK -- segfaulted the process, even when caught at once in
-// the same function, while a std::runtime_error thrown from the same build raised (NOTES.md: the probe).
-// c10::Error captures a C++ backtrace when constructed; that capture is what does not survive our frames there.
-#define SCAN2D_CHECK(cond, ...) \
-  do {                                                                    \
-    if (!(cond)) throw std::runtime_error(c10::str(__VA_ARGS__));         \
+// The binding's checks throw std::runtime_error (Python: RuntimeError with the message), and their messages are
+// put together with std::string and std::to_string. Not TORCH_CHECK, C10_CUDA_KERNEL_LAUNCH_CHECK or c10::str:
+// on the lent H100 machines (torch 2.11, sessions 8-9) a failed check built with any of them segfaulted the
+// process, and so did a std::runtime_error whose message c10::str formatted in this extension; a
+// std::runtime_error with a plain string message raised (NOTES.md: the probe). Device::str() and
+// c10::toString run inside libc10, where formatting works.
+namespace msg {
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(int64_t v) { return std::to_string(v); }
+inline std::string piece(int v) { return std::to_string(v); }
+inline std::string piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const c10::Device& d) { return d.str(); }
+inline std::string piece(at::IntArrayRef dims) {
+  std::string s = "[";
+  for (size_t k = 0; k < dims.size(); ++k) s += (k ? ", " : "") + std::to_string(dims[k]);
+  return s + "]";
+}
+template <typename... Ts>
+std::string cat(const Ts&... parts) {
+  std::string s;
+  ((s += piece(parts)), ...);
+  return s;
+}
+}  // namespace msg
+
+#define SCAN2D_CHECK(cond, ...)                                   \
+  do {                                                            \
+    if (!(cond)) throw std::runtime_error(msg::cat(__VA_ARGS__)); \
   } while (0)
 
 #define SCAN2D_LAUNCH_CHECK()                                                                           \

@@ -140,36 +140,9 @@ class Encoder:
 
     def embed(self, tiles: np.ndarray) -> np.ndarray:
         """tiles uint8 (N, H, W, 3), already at input_px -> features float32 (N, dim)."""
-        return self._to_host(self.forward(tiles))
-
-    def _to_host(self, out) -> np.ndarray:
-        """The features on the host, waiting for a GPU without spinning.
-
-        `.cpu()` waits for the GPU in a spin loop: a whole core for the whole forward (~25 ms of every 256-tile
-        batch on an H100), taken from the read tasks that decode beside the encoder actor (which reserves no
-        CPU; the actor showed 0.6 of a core busy in `bench ingest`). A blocking CUDA event sleeps instead.
-        """
         import torch
 
-        if out.device.type != "cuda":
-            return out.numpy()
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        done = torch.cuda.Event(blocking=True)
-        done.record()
-        done.synchronize()
-        return host.numpy()
-
-    def forward(self, tiles: np.ndarray):
-        """tiles uint8 (N, H, W, 3) -> features float32 (N, dim), on the encoder's device (queued, on a GPU)."""
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(tiles))
-        if self.device.type == "cuda":
-            # From pageable memory the copy to the GPU waits (spinning, as .cpu() does) for whatever the GPU
-            # is still running; from pinned memory it is queued. The pinning copy is the host's only work.
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True)
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.input_px or x.shape[-2] != self.input_px:
             x = torch.nn.functional.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear",
@@ -180,7 +153,7 @@ class Encoder:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype,
                                                     enabled=self.amp_dtype is not None):
             out = self.model(x)
-        return out.reshape(out.shape[0], -1).float()
+        return out.reshape(out.shape[0], -1).float().cpu().numpy()
 
 
 def create_encoder(name: str = "resnet50-trunc", weights: str = "imagenet", input_px: int = 224,
