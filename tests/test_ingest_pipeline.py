@@ -270,12 +270,17 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
 
     from gigamamba.ingest.pipeline import TRACE_ENV, embed_cohort, read_trace
 
+    from gigamamba.ingest import pipeline
+
     trace = tmp_path / "trace"
     monkeypatch.setenv(TRACE_ENV, str(trace))
+    started, start = [], pipeline._start_ray_data_coordinator
+    monkeypatch.setattr(pipeline, "_start_ray_data_coordinator", lambda d: (started.append(d), start(d)))
     df = embed_cohort(_spec(cohort, "trace.zarr"), overwrite=True, progress=False).set_index("slide_id")
     events = read_trace(trace)
     driver = [e for e in events if e["pid"] == os.getpid()]
     assert [e["event"] for e in driver][0] == "embed_start" and driver[-1]["event"] == "embed_end"
+    assert started == [str(trace)]  # Ray Data's coordinator was started beside the run, traced
     t = {name: _first(events, name) for name in (
         "embed_start", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "actor_init_start",
         "actor_imports_done", "actor_model_ready", "actor_first_call_start", "actor_first_call_done",
@@ -428,3 +433,30 @@ def test_start_up_heartbeat_prints_until_stopped(capsys):
     time.sleep(0.05)
     quiet.set()
     assert capsys.readouterr().err == ""
+
+
+def test_ray_data_coordinator_is_started_early_and_a_failure_is_only_traced(ray_local, tmp_path, monkeypatch):
+    """embed_cohort starts Ray Data's AutoscalingCoordinator at ray_ready (until it answers, Ray Data runs one
+    read task). The helper leaves the named actor up and traces it; if Ray Data's internal API is gone, it
+    traces that and returns, so the pipeline goes on as before."""
+    import builtins
+
+    from gigamamba.ingest.pipeline import _start_ray_data_coordinator, read_trace
+
+    for sub in ("ok", "gone"):
+        (tmp_path / sub).mkdir()
+    _start_ray_data_coordinator(str(tmp_path / "ok"))
+    assert [e["event"] for e in read_trace(tmp_path / "ok")] == ["coordinator_ready"]
+    ray_local.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")  # raises if absent
+
+    real_import = builtins.__import__
+
+    def no_internal_api(name, *args, **kwargs):
+        if name.startswith("ray.data._internal.cluster_autoscaler"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_internal_api)
+    _start_ray_data_coordinator(str(tmp_path / "gone"))  # no exception
+    assert [(e["event"], e["error"]) for e in read_trace(tmp_path / "gone")] == [("coordinator_not_started",
+                                                                                 "ImportError")]
