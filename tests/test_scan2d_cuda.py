@@ -203,9 +203,12 @@ REFUSAL_SCRIPT = textwrap.dedent(
     u = torch.randn(1, 4, 8, 8, device="cuda")
     B = torch.randn(1, 1, 2, 8, 8, device="cuda")
     A, D, bias = -torch.rand(4, 2, device="cuda"), torch.randn(4, device="cuda"), torch.zeros(4, device="cuda")
-    for name, delta, layout in (("layout 2", u, 2), ("delta of another shape", u[:, :, :4], 1)):
+    calls = (("layout 2", u, u, A, 2), ("delta of another shape", u, u[:, :, :4], A, 1),
+             ("delta on the CPU", u, u.cpu(), A, 1), ("A in float64", u, u, A.double(), 1),
+             ("u in float64", u.double(), u.double(), A, 1))
+    for name, x, delta, a, layout in calls:
         try:
-            mod.fwd(u, delta, A, B, B, D, u, bias, True, None, 3, layout)
+            mod.fwd(x, delta, a, B, B, D, u, bias, True, None, 3, layout)
             print("NO ERROR", name)
         except RuntimeError as exc:
             print("RAISED", name, "|", str(exc).splitlines()[0])
@@ -228,7 +231,11 @@ def test_binding_refuses_bad_calls_with_an_error_not_a_crash(ext, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"the child died (exit {proc.returncode}) instead of raising:\n{log[-3000:]}"
     assert "RAISED layout 2 | scan2d: forward layout must be 0 (passes) or 1 (wavefront), got 2" in log, log
-    assert "RAISED delta of another shape" in log, log
+    assert "RAISED delta of another shape | scan2d: delta must have shape [1, 4, 8, 8], got [1, 4, 4, 8]" in log, log
+    # the messages name devices and dtypes (built without a stream: binding.cpp)
+    assert "RAISED delta on the CPU | scan2d: delta must be on cuda:0" in log, log
+    assert "RAISED A in float64 | scan2d: A must be float32" in log, log
+    assert "RAISED u in float64 | scan2d: u must be float32, float16 or bfloat16, got Double" in log, log
 
 
 def test_passes_layout_still_matches_oracle(ext, monkeypatch):

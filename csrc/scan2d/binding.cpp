@@ -12,9 +12,10 @@
 // put together with std::string and std::to_string. Not TORCH_CHECK, C10_CUDA_KERNEL_LAUNCH_CHECK or c10::str:
 // on the lent H100 machines (torch 2.11, sessions 8-9) a failed check built with any of them segfaulted the
 // process, and so did a std::runtime_error whose message c10::str formatted in this extension; a
-// std::runtime_error with a plain string message raised (NOTES.md: the probe). Device::str() and
-// c10::toString run inside libc10, where formatting works.
-namespace msg {
+// std::runtime_error with a plain string message raised (NOTES.md: the probe). Device names come from
+// Device::str(), which formats inside libc10 (as torch's own checks do, and those raise there); c10::toString
+// only returns a dtype's name.
+namespace scan2d_msg {
 inline std::string piece(const char* s) { return s; }
 inline std::string piece(const std::string& s) { return s; }
 inline std::string piece(int64_t v) { return std::to_string(v); }
@@ -32,11 +33,11 @@ std::string cat(const Ts&... parts) {
   ((s += piece(parts)), ...);
   return s;
 }
-}  // namespace msg
+}  // namespace scan2d_msg
 
-#define SCAN2D_CHECK(cond, ...)                                   \
-  do {                                                            \
-    if (!(cond)) throw std::runtime_error(msg::cat(__VA_ARGS__)); \
+#define SCAN2D_CHECK(cond, ...)                                            \
+  do {                                                                     \
+    if (!(cond)) throw std::runtime_error(scan2d_msg::cat(__VA_ARGS__));   \
   } while (0)
 
 #define SCAN2D_LAUNCH_CHECK()                                                                           \

@@ -457,8 +457,10 @@ def _start_ray_data_coordinator(trace_dir: str | None) -> None:
     Ray Data 2.60 learns the cluster's resources from this detached actor. Until it answers, the executor
     sees a budget of zero and runs one task per operator: on the 16-core H100 nodes the first read task
     started at 5.1 s and the other fifteen only at 8.1-9.6 s (bench ingest trace, session 9), ~3.5 s of
-    15 idle cores. Created at ray_ready, the actor is up before the dataset runs. Ray Data then finds it by
-    name (get_if_exists); on a Ray whose coordinator is already up this costs one round trip.
+    15 idle cores. Created at ray_ready, the actor is up before the dataset runs (in one 96-slide run it
+    answered at 3.5 s, and the sixteen read tasks started within 2.5 s of each other; README). Ray Data then
+    finds it by name (get_if_exists); on a Ray whose coordinator is already up this costs one round trip. A run
+    with nothing left to embed creates it too: it is the actor any Ray Data run on that Ray would create.
     Internal API: when it moves, this does nothing and Ray Data starts the actor itself, as before.
     """
     try:
@@ -514,8 +516,9 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     zarr_import.start()
     ray = _ensure_ray(spec.get("ray") or {})
     _trace(trace_dir, "ray_ready")
-    threading.Thread(target=_start_ray_data_coordinator, args=(trace_dir,), name="ray-data-coordinator",
-                     daemon=True).start()
+    coordinator = threading.Thread(target=_start_ray_data_coordinator, args=(trace_dir,),
+                                   name="ray-data-coordinator", daemon=True)
+    coordinator.start()
     check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
     _trace(trace_dir, "multinode_checked")
     zarr_import.join()
@@ -648,6 +651,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     out = manifest[manifest["slide_id"].isin(ids)].copy()
     out["action"] = out["slide_id"].map(actions).fillna("kept")
     out = out.reset_index(drop=True)
+    if todo:  # Ray Data waited for the coordinator too, so this is at once; nothing of the run outlives it
+        coordinator.join(timeout=30)
     _trace(trace_dir, "embed_end", tiles=tracker.tiles)
     streaming = (tracker.last_tile - tracker.first_tile) if tracker.first_tile else 0.0
     # Throughput for benchmarks: the whole call, and the steady state from first to last tile back.
