@@ -268,9 +268,8 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
     """
     import os
 
-    from gigamamba.ingest.pipeline import TRACE_ENV, embed_cohort, read_trace
-
     from gigamamba.ingest import pipeline
+    from gigamamba.ingest.pipeline import TRACE_ENV, embed_cohort, read_trace
 
     trace = tmp_path / "trace"
     monkeypatch.setenv(TRACE_ENV, str(trace))

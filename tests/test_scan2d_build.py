@@ -62,8 +62,8 @@ def test_cpu_tensors_use_the_pytorch_path():
 
 
 def test_compiler_report_names_both_compilers(monkeypatch):
-    """build-ext's first line: which compiler builds the extension and which built torch (on the H100 machine a
-    failed check crashed the process; a compiler mismatch is the first suspect)."""
+    """build-ext's first line: which compiler builds the extension and which built torch, so that a mismatch on
+    an unfamiliar machine shows at once."""
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     line = scan2d_cuda.compiler_report()
     assert line.startswith("C++ compiler no-such-compiler-here (not on PATH, "), line

@@ -93,7 +93,7 @@ Params make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const 
   check_f32(Bm, u, "B");
   check_f32(Cm, u, "C");
   SCAN2D_CHECK(Bm.dim() == 5 && Bm.size(0) == p.Bsz && Bm.size(2) == p.N && Bm.size(3) == p.H && Bm.size(4) == p.W,
-              "scan2d: B must be (B, G, N, H, W)");
+               "scan2d: B must be (B, G, N, H, W)");
   SCAN2D_CHECK(Cm.sizes() == Bm.sizes(), "scan2d: C must have B's shape");
   p.G = Bm.size(1);
   SCAN2D_CHECK(p.G >= 1 && p.D % p.G == 0, "scan2d: D must be a multiple of the number of groups");
@@ -123,8 +123,8 @@ Params make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const 
   }
   if (sizes.has_value()) {
     SCAN2D_CHECK(sizes->is_cuda() && sizes->scalar_type() == at::kInt && sizes->is_contiguous() &&
-                    sizes->dim() == 2 && sizes->size(0) == p.Bsz && sizes->size(1) == 2,
-                "scan2d: sizes must be a contiguous int32 CUDA (B, 2)");
+                     sizes->dim() == 2 && sizes->size(0) == p.Bsz && sizes->size(1) == 2,
+               "scan2d: sizes must be a contiguous int32 CUDA (B, 2)");
     p.sizes = sizes->data_ptr<int>();
   }
   return p;
@@ -174,7 +174,7 @@ std::vector<Tensor> scan2d_fwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
                                c10::optional<Tensor> z, c10::optional<Tensor> dbias, bool softplus,
                                c10::optional<Tensor> sizes, int64_t keep, int64_t layout) {
   SCAN2D_CHECK(layout == 0 || layout == 1,
-              "scan2d: forward layout must be 0 (passes) or 1 (wavefront), got ", layout);
+               "scan2d: forward layout must be 0 (passes) or 1 (wavefront), got ", layout);
   const bool wavefront = layout == 1;
   Params p = make_params(u, delta, A, Bm, Cm, Dv, z, dbias, softplus, sizes);
   c10::cuda::CUDAGuard guard(u.device());
@@ -212,7 +212,7 @@ std::vector<Tensor> scan2d_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bm, Tens
   // backward's tile copies and partial sums index a plane in 32-bit ints, up to the last tile's padding
   // (a slide grid is ~10^5 cells; the forward kernels index in 64 bits)
   SCAN2D_CHECK((int64_t)p.TR * scan2d::TS * p.W + (int64_t)p.TC * scan2d::TS <= INT32_MAX, "scan2d: a grid of ",
-              p.H, "x", p.W, " has too many cells for the CUDA backward (it indexes a plane in 32 bits)");
+               p.H, "x", p.W, " has too many cells for the CUDA backward (it indexes a plane in 32 bits)");
   c10::cuda::CUDAGuard guard(u.device());
   cudaStream_t st = c10::cuda::getCurrentCUDAStream();
   int dt = dtype_code(u);

@@ -463,12 +463,12 @@ def _start_ray_data_coordinator(trace_dir: str | None) -> None:
     with nothing left to embed creates it too: it is the actor any Ray Data run on that Ray would create.
     Internal API: when it moves, this does nothing and Ray Data starts the actor itself, as before.
     """
+    import ray
+
     try:
         from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 
         coordinator = get_or_create_autoscaling_coordinator()
-        import ray
-
         ray.get(coordinator.get_reserved_resources.remote("gigamamba-embed-warmup"), timeout=120)
     except Exception as exc:  # never the pipeline's problem
         _trace(trace_dir, "coordinator_not_started", error=type(exc).__name__)
