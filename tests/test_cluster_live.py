@@ -198,6 +198,19 @@ def wait_until(pred, timeout_s: float, what: str, proc: subprocess.Popen | None 
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def job_log_digest(client, job_id: str, tail: int = 1500) -> str:
+    """A failed job's log, cut for an assertion message: the lines that say why, then the end.
+
+    The end alone was a C++ stack trace when a driver died in Ray's CoreWorker start (CI, stop 13), and the
+    line naming the failed check sat 3,000 characters above it.
+    """
+    import re
+
+    text = client.get_job_logs(job_id)
+    why = [line for line in text.splitlines() if re.search(r"Check failed|Failed to|Error|error:|Traceback", line)]
+    return "lines that say why:\n" + "\n".join(why[:30]) + f"\n... last {tail} characters:\n" + text[-tail:]
+
+
 def mlflow_runs(uri: str, job: str) -> tuple[list, list]:
     from mlflow import MlflowClient
 
@@ -430,7 +443,7 @@ def test_worker_node_lost_while_embedding(cluster, reference, mlflow_server, sha
 
     def mid_run() -> bool:
         status = str(client.get_job_status(job_id).value)
-        assert status in ("PENDING", "RUNNING"), f"job {status} before the node was lost:\n{client.get_job_logs(job_id)[-3000:]}"
+        assert status in ("PENDING", "RUNNING"), f"job {status} before the node was lost:\n{job_log_digest(client, job_id)}"
         return 1 <= len(complete(spec)) < N_SLIDES
 
     wait_until(mid_run, 300, "embedding to be under way")

@@ -35,23 +35,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_port_range(width: int) -> int:
-    """First port of `width` consecutive free ports, for one node's Ray workers."""
-    for _ in range(200):
-        start = 20000 + (int.from_bytes(os.urandom(2), "little") % 400) * 100
-        ok = True
-        for port in range(start, start + width):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind((HOST, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start
-    raise RuntimeError(f"no {width} consecutive free ports on {HOST}")
-
-
 @dataclass
 class Node:
     name: str
@@ -120,7 +103,6 @@ class LocalCluster:
     def _start(self, name: str, args: list[str], head: bool) -> Node:
         temp_dir = self.root / name
         temp_dir.mkdir(parents=True, exist_ok=True)
-        workers = free_port_range(60)
         cmd = [
             *self._ray(head), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}",
             f"--node-ip-address={HOST}",
@@ -128,7 +110,12 @@ class LocalCluster:
             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--min-worker-port={workers}", f"--max-worker-port={workers + 59}",
+            # 0/0: each worker and driver binds a port the kernel picks, the way Ray's own tests run
+            # (RAY_USE_RANDOM_PORTS). A fixed range per node (60 ports picked free at node start, this
+            # harness until session 10) sat partly inside the kernel's ephemeral range (32768-60999 here), where
+            # every outgoing connection of every process on the machine also takes its source port; the raylet
+            # checks a port is free when it hands it out, and the worker binds it a moment later.
+            "--min-worker-port=0", "--max-worker-port=0",
             *args,
         ]
         log = self.root / f"{name}.log"
