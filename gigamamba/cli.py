@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run_all", "embed, then train, from one pipeline spec"),
     "report": ("report", "dataset x model comparison tables and chart from MLflow"),
     "ui": ("ui", "start the MLflow UI on 127.0.0.1 over the local store"),
-    "bench": ("bench", "benchmarks: scan, ingest"),
+    "bench": ("bench", "benchmarks: scan, ingest, read"),
     "build-ext": ("build_ext", "compile the CUDA scan extension ahead of time"),
     "submit": ("submit", "submit a pipeline to a Ray cluster through the Ray Jobs API"),
     "jobs": ("jobs", "list, follow or stop Ray jobs on a cluster"),

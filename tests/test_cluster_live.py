@@ -443,7 +443,8 @@ def test_worker_node_lost_while_embedding(cluster, reference, mlflow_server, sha
 
     def mid_run() -> bool:
         status = str(client.get_job_status(job_id).value)
-        assert status in ("PENDING", "RUNNING"), f"job {status} before the node was lost:\n{job_log_digest(client, job_id)}"
+        assert status in ("PENDING", "RUNNING"), \
+            f"job {status} before the node was lost:\n{job_log_digest(client, job_id)}"
         return 1 <= len(complete(spec)) < N_SLIDES
 
     wait_until(mid_run, 300, "embedding to be under way")

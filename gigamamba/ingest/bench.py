@@ -326,34 +326,42 @@ def pipeline_in_fresh_process(job: dict) -> dict:
     return got
 
 
+def bench_cohort(work: Path, slides: int, unique: int, size_px: int):
+    """A synthetic cohort of `slides` rows cycling through `unique` 20x files of `size_px`, written once into
+    `work` and reused: (cohort folder, CSV of the rows, the rows as a DataFrame)."""
+    import pandas as pd
+
+    from gigamamba.slides.synth import write_synthetic_cohort
+
+    work.mkdir(parents=True, exist_ok=True)
+    cohort_dir = work / f"cohort-u{unique}-s{size_px}"
+    if not (cohort_dir / "cohort.csv").is_file():
+        t = time.perf_counter()
+        write_synthetic_cohort(cohort_dir, task="classification", n_slides=unique, seed=0, size_px=size_px,
+                               magnifications=(20,))
+        print(f"synthesised {unique} slides in {time.perf_counter() - t:.1f} s -> {cohort_dir}", file=sys.stderr)
+    base = pd.read_csv(cohort_dir / "cohort.csv", dtype={"slide_id": str})
+    rows = base.iloc[np.arange(slides) % len(base)].copy()
+    rows["slide_id"] = [f"b{k:04d}" for k in range(slides)]
+    rows["case_id"] = rows["slide_id"]
+    cohort_csv = cohort_dir / f"cohort-{slides}.csv"
+    rows.to_csv(cohort_csv, index=False)
+    return cohort_dir, cohort_csv, rows
+
+
 def run(args) -> int:
     import torch
 
     from gigamamba.features.encoders import create_encoder
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
-    from gigamamba.slides.synth import write_synthetic_cohort
     from gigamamba.spec import resolve_spec
 
     work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     batch_size = args.batch_size or (256 if cuda else 32)
     unique = min(args.unique_slides or args.slides, args.slides)
     tag = f"u{unique}-s{args.size_px}"
-    cohort_dir = work / f"cohort-{tag}"
-    if not (cohort_dir / "cohort.csv").is_file():
-        t = time.perf_counter()
-        write_synthetic_cohort(cohort_dir, task="classification", n_slides=unique, seed=0, size_px=args.size_px,
-                               magnifications=(20,))
-        print(f"synthesised {unique} slides in {time.perf_counter() - t:.1f} s -> {cohort_dir}", file=sys.stderr)
-    import pandas as pd
-
-    base = pd.read_csv(cohort_dir / "cohort.csv", dtype={"slide_id": str})
-    rows = base.iloc[np.arange(args.slides) % len(base)].copy()
-    rows["slide_id"] = [f"b{k:04d}" for k in range(args.slides)]
-    rows["case_id"] = rows["slide_id"]
-    cohort_csv = cohort_dir / f"cohort-{args.slides}.csv"
-    rows.to_csv(cohort_csv, index=False)
+    cohort_dir, cohort_csv, rows = bench_cohort(work, args.slides, unique, args.size_px)
     tiling = {"patch_px": args.patch_px, "target_mpp": 0.5, "tissue_threshold": 0.25}
     jobs, _ = read_slide_jobs(cohort_csv)
     t = time.perf_counter()

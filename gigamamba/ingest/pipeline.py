@@ -395,6 +395,11 @@ def _file_size(path: str) -> int:
         return 0
 
 
+def chunk_block_bytes(tiles: int, input_px: int) -> int:
+    """Ray Data's target block size for the read stage: about one chunk of decoded tiles a block."""
+    return max(1 << 20, tiles * input_px * input_px * 3 * 3 // 2)
+
+
 def _read_memory(tiles: int, input_px: int) -> int:
     # A worker's imports (Ray, pyarrow, OpenSlide, PIL, numpy) plus decoded tiles, their resized copies and the
     # output block. Ray Data's issue detector measured read tasks at 284 MiB with 32-tile chunks and 307 MiB
@@ -588,8 +593,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         # seconds. Datasets copy the context when created, so the global default is restored afterwards.
         context = ray.data.DataContext.get_current()
         default_block = context.target_max_block_size
-        chunk_bytes = int(ingest["tiles_per_task"]) * int(enc["input_px"]) ** 2 * 3
-        context.target_max_block_size = max(1 << 20, chunk_bytes * 3 // 2)
+        context.target_max_block_size = chunk_block_bytes(int(ingest["tiles_per_task"]), int(enc["input_px"]))
         _trace(trace_dir, "dataset_start")  # store_ready -> here -> dataset_built: where a slow driver start goes
         try:
             ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args, trace_dir)

@@ -1,0 +1,43 @@
+"""`gigamamba bench read` on a tiny CPU cohort: each way decodes every planned tile once, and the shares add up."""
+
+import argparse
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_read_decodes_the_whole_cohort_each_way(tmp_path, ray_local):
+    from gigamamba.ingest import bench_read
+    from gigamamba.ingest.plan import plan_slide, read_slide_jobs
+
+    parser = argparse.ArgumentParser()
+    bench_read.configure(parser)
+    out = tmp_path / "r.json"
+    args = parser.parse_args(["--workdir", str(tmp_path / "w"), "--out", str(out), "--slides", "3",
+                              "--unique-slides", "2", "--size-px", "2048", "--patch-px", "128", "--input-px", "32",
+                              "--tiles-per-task", "8", "--processes", "2", "--passes", "1",
+                              "--decode-seconds", "0.5", "--sample-seconds", "0.05"])
+    assert bench_read.run(args) == 0
+    res = json.loads(out.read_text())
+
+    # the tiles a pass must decode, planned here independently of the bench: rows cycle through the 2 files
+    csv = tmp_path / "w" / "cohort-u2-s2048" / "cohort-3.csv"
+    jobs, rejected = read_slide_jobs(csv)
+    assert not rejected and len(jobs) == 3
+    tiling = {"patch_px": 128, "target_mpp": 0.5, "tissue_threshold": 0.25}
+    planned = sum(plan_slide(j, tiling).n_tiles for j in jobs)
+    assert res["tiles_per_pass"] == planned > 3 * 8  # several chunks a slide
+    # no chunk lost or counted twice, by the plain tasks or by Ray Data's blocks
+    assert res["tiles"] == {"task": planned, "ray_data": planned}
+    rates = res["tiles_per_s"]
+    assert set(rates) == {"loop", "task", "ray_data"} and min(rates.values()) > 0
+    assert res["put_ms_per_chunk"] > 0 and res["plan_seconds_per_slide"] > 0
+    # the shares are the costs over the loop's time for the same tiles, and the expectations follow from them
+    tile_s = res["processes"] / rates["loop"]
+    chunk_s = 8 * tile_s
+    assert res["put_share"] == pytest.approx(res["put_ms_per_chunk"] / 1e3 / chunk_s, rel=1e-2)
+    assert res["task_expected_from_planning"] == pytest.approx(rates["loop"] / (1 + res["plan_share"]), rel=1e-3)
+    # the sampler saw the read processes of both ways (the plain task is named so that it counts as a read)
+    assert res["cpu"]["task"]["read"] > 0 and res["cpu"]["ray_data"]["read"] > 0
