@@ -39,5 +39,12 @@ def test_bench_read_decodes_the_whole_cohort_each_way(tmp_path, ray_local):
     chunk_s = 8 * tile_s
     assert res["put_share"] == pytest.approx(res["put_ms_per_chunk"] / 1e3 / chunk_s, rel=1e-2)
     assert res["task_expected_from_planning"] == pytest.approx(rates["loop"] / (1 + res["plan_share"]), rel=1e-3)
+    # the traced Ray Data pass: every slide but each process's first followed a turnaround (slides this small
+    # may all go to one process: Ray Data starts its second read task ~1 s after the first, README)
+    slots = res["ray_data_slots"]
+    assert slots["processes"] in (1, 2) and len(slots["first_start_s"]) == slots["processes"]
+    assert slots["first_start_s"][0] == 0 and slots["first_start_s"] == sorted(slots["first_start_s"])
+    assert slots["turnarounds"] == 3 - slots["processes"]
+    assert 0 <= slots["turnaround_median_s"] <= slots["turnaround_max_s"]
     # the sampler saw the read processes of both ways (the plain task is named so that it counts as a read)
     assert res["cpu"]["task"]["read"] > 0 and res["cpu"]["ray_data"]["read"] > 0

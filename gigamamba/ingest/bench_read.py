@@ -15,7 +15,9 @@ what is left (Ray's scheduling, the tail of whole-slide tasks), on any machine.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,8 +67,8 @@ def _task_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk: int
     return tiles, time.perf_counter() - t0
 
 
-def _ray_data_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk: int,
-                   input_px: int) -> tuple[int, float]:
+def _ray_data_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk: int, input_px: int,
+                   trace_dir: str | None = None) -> tuple[int, float]:
     """The pipeline's read stage alone, its blocks counted as they arrive (never fetched): (tiles, seconds)."""
     import ray.data
 
@@ -80,7 +82,8 @@ def _ray_data_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             plan_and_read_slides, batch_size=1, batch_format="numpy", num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=n),
-            fn_kwargs={"tiling": tiling, "tissue": {}, "tiles_per_chunk": tiles_per_chunk, "input_px": input_px})
+            fn_kwargs={"tiling": tiling, "tissue": {}, "tiles_per_chunk": tiles_per_chunk, "input_px": input_px,
+                       "trace_dir": trace_dir})
     finally:
         context.target_max_block_size, context.enable_progress_bars = default_block, progress
     t0, tiles = time.perf_counter(), 0
@@ -111,6 +114,7 @@ def run(args) -> int:
 
     from gigamamba.ingest.bench import _machine, bench_cohort, bench_decode
     from gigamamba.ingest.cpu_sampler import CpuSampler
+    from gigamamba.ingest.pipeline import read_trace
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
 
     if args.processes < 1 or args.passes < 1 or args.slides < 1:
@@ -151,6 +155,10 @@ def run(args) -> int:
             rates[way] = best
             print(f"{way} ({n} at once): {best:.1f} tiles/s", file=sys.stderr)
         res["put_ms_per_chunk"] = round(_put_ms(ray, rows[0], tiling, chunk, px), 3)
+        # once more, traced: how long a read slot waits between one slide's task and the next
+        with tempfile.TemporaryDirectory(prefix="bench-read-trace-") as trace_dir:
+            _ray_data_pass(ray, rows, n, tiling, chunk, px, trace_dir)
+            res["ray_data_slots"] = slot_timeline(read_trace(trace_dir))
     finally:
         if started_ray:
             ray.shutdown()
@@ -161,6 +169,28 @@ def run(args) -> int:
     print(_table(res))
     print(f"\nresults: {out}")
     return 0
+
+
+def slot_timeline(events: list[dict]) -> dict:
+    """From read_task_start/read_task_end trace events: when each read process began its first slide (seconds
+    after the first began), and the turnaround, a process's idle time from one task's end to its next start."""
+    by_pid: dict[int, list[tuple[float, str]]] = {}
+    for e in events:
+        if e["event"] in ("read_task_start", "read_task_end"):
+            by_pid.setdefault(e["pid"], []).append((e["t"], e["event"]))
+    if not by_pid:
+        return {}
+    firsts = sorted(min(t for t, kind in xs if kind == "read_task_start") for xs in by_pid.values())
+    turn = []
+    for xs in by_pid.values():
+        xs.sort()
+        turn += [b[0] - a[0] for a, b in zip(xs, xs[1:]) if a[1] == "read_task_end" and b[1] == "read_task_start"]
+    out = {"processes": len(by_pid), "first_start_s": [round(t - firsts[0], 3) for t in firsts],
+           "turnarounds": len(turn)}
+    if turn:
+        out.update(turnaround_median_s=round(statistics.median(turn), 4), turnaround_max_s=round(max(turn), 4),
+                   turnaround_total_s=round(sum(turn), 3))
+    return out
 
 
 def _shares(res: dict) -> dict:
@@ -193,6 +223,12 @@ def _table(res: dict) -> str:
                  f"ray.put of a chunk {res['put_ms_per_chunk']:.2f} ms = {res['put_share']:.1%} of its decode")
     lines.append(f"expected from those alone: task {res['task_expected_from_planning']:.1f}, "
                  f"ray_data {res['ray_data_expected_from_planning_and_put']:.1f} tiles/s")
+    slots = res.get("ray_data_slots") or {}
+    if slots.get("turnarounds"):
+        lines.append(f"ray_data slots: {slots['processes']} read processes, the last began "
+                     f"{slots['first_start_s'][-1]:.2f} s after the first; between tasks a process waited "
+                     f"{slots['turnaround_median_s'] * 1e3:.0f} ms (median; max {slots['turnaround_max_s'] * 1e3:.0f}, "
+                     f"{slots['turnaround_total_s']:.1f} s over {slots['turnarounds']} turnarounds)")
     cpu = {way: c for way, c in res.get("cpu", {}).items() if c}
     if cpu:  # empty off Linux
         lines.append(f"mean cores of {m.get('usable_cores')} in the best pass: " + "; ".join(

@@ -204,6 +204,9 @@ def plan_and_read_slides(batch: dict, tiling: dict, tissue: dict, tiles_per_chun
         row = {key: batch[key][k] for key in batch}
         for chunk in plan_rows(row, tiling, tissue, tiles_per_chunk, trace_dir):
             yield read_tiles_batch({key: [value] for key, value in chunk.items()}, input_px, trace_dir)
+        # after Ray Data took the slide's last block: from here to this process's next read_task_start is
+        # Ray's turnaround between tasks (bench read, README)
+        _trace(trace_dir, "read_task_end", slide_id=str(row["slide_id"]))
 
 
 PASS_THROUGH = ("slide_id", "i", "j", "error", "plan", "n_tiles", "H", "W")
