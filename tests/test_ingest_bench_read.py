@@ -48,3 +48,18 @@ def test_bench_read_decodes_the_whole_cohort_each_way(tmp_path, ray_local):
     assert 0 <= slots["turnaround_median_s"] <= slots["turnaround_max_s"]
     # the sampler saw the read processes of both ways (the plain task is named so that it counts as a read)
     assert res["cpu"]["task"]["read"] > 0 and res["cpu"]["ray_data"]["read"] > 0
+
+
+def test_executor_wait_is_set_and_bad_values_refused(monkeypatch):
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    from gigamamba.ingest import bench_read
+
+    monkeypatch.setattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S)
+    assert bench_read._set_executor_wait(0.02) == 0.02
+    assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0.02  # what Ray Data's scheduling loop reads each step
+    with pytest.raises(SystemExit, match="must be > 0"):
+        bench_read._set_executor_wait(0)
+    monkeypatch.delattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
+    with pytest.raises(SystemExit, match="has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
+        bench_read._set_executor_wait(0.02)

@@ -40,6 +40,10 @@ def configure(parser) -> None:
                         help="timed passes over the cohort for task and ray_data, after an untimed warm-up; the "
                              "best counts (default 2)")
     parser.add_argument("--decode-seconds", type=float, default=10.0, help="the loop decodes at least this long")
+    parser.add_argument("--executor-wait-s", type=float, default=None,
+                        help="experiment: how long each step of Ray Data's scheduling loop waits for tasks to finish "
+                             "(its internal WAIT_FOR_TASK_COMPLETION_TIMEOUT_S, 0.1 in Ray 2.60; default: Ray's). "
+                             "A read slot freed mid-step waits out the rest of it (README)")
     parser.add_argument("--sample-seconds", type=float, default=0.5,
                         help="the CPU sampler's interval (each sample costs the driver ~10 ms of CPU)")
     parser.add_argument("--out", default=None, help="results JSON (default WORKDIR/read-results.json)")
@@ -138,6 +142,8 @@ def run(args) -> int:
     rates["loop"] = bench_decode(plans, px, chunk, n, min_seconds=args.decode_seconds, repeats=2)
     print(f"loop ({n} processes): {rates['loop']:.1f} tiles/s", file=sys.stderr)
 
+    if args.executor_wait_s is not None:
+        res["executor_wait_s"] = _set_executor_wait(args.executor_wait_s)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
@@ -169,6 +175,19 @@ def run(args) -> int:
     print(_table(res))
     print(f"\nresults: {out}")
     return 0
+
+
+def _set_executor_wait(seconds: float) -> float:
+    """Set Ray Data's per-step wait for finished tasks (a module global read at each step; internal API:
+    refuse rather than silently measure the default when it has moved)."""
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    if not hasattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
+        raise SystemExit("bench read: --executor-wait-s: this Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
+    if not seconds > 0:
+        raise SystemExit(f"bench read: --executor-wait-s must be > 0, got {seconds}")
+    state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = float(seconds)
+    return float(seconds)
 
 
 def slot_timeline(events: list[dict]) -> dict:
