@@ -39,15 +39,21 @@ def test_bench_read_decodes_the_whole_cohort_each_way(tmp_path, ray_local):
     chunk_s = 8 * tile_s
     assert res["put_share"] == pytest.approx(res["put_ms_per_chunk"] / 1e3 / chunk_s, rel=1e-2)
     assert res["task_expected_from_planning"] == pytest.approx(rates["loop"] / (1 + res["plan_share"]), rel=1e-3)
-    # the traced Ray Data pass: every slide but each process's first followed a turnaround (slides this small
-    # may all go to one process: Ray Data starts its second read task ~1 s after the first, README)
+    # the traced Ray Data pass: every slide but each process's first followed a turnaround. Which processes run
+    # them is Ray's choice: slides this small may all go to one (Ray Data starts its second read task ~1 s after
+    # the first, README), or, in this session's shared Ray with idle workers, one each.
     slots = res["ray_data_slots"]
-    assert slots["processes"] in (1, 2) and len(slots["first_start_s"]) == slots["processes"]
+    assert slots["processes"] in (1, 2, 3) and len(slots["first_start_s"]) == slots["processes"]
     assert slots["first_start_s"][0] == 0 and slots["first_start_s"] == sorted(slots["first_start_s"])
     assert slots["turnarounds"] == 3 - slots["processes"]
-    assert 0 <= slots["turnaround_median_s"] <= slots["turnaround_max_s"]
-    # the sampler saw the read processes of both ways (the plain task is named so that it counts as a read)
-    assert res["cpu"]["task"]["read"] > 0 and res["cpu"]["ray_data"]["read"] > 0
+    if slots["turnarounds"]:
+        assert 0 <= slots["turnaround_median_s"] <= slots["turnaround_max_s"]
+    # every timed pass was sampled (the sampler takes a last sample when stopped, however short the pass), and
+    # the plain task is named so that the sampler counts its process as a read task, as it counts Ray Data's
+    assert set(res["cpu"]) == {"task", "ray_data"} and all("read" in c for c in res["cpu"].values())
+    from gigamamba.ingest.cpu_sampler import classify
+
+    assert classify(f"ray::{bench_read.plan_and_read_task.__name__}()", 1, 2) == "read"
 
 
 def test_executor_wait_is_set_and_bad_values_refused(monkeypatch):

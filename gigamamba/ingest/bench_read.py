@@ -5,11 +5,13 @@ The same cohort is decoded three ways on N processes (--processes):
     task      plain Ray tasks, at most N at once, each running the pipeline's own read function
               (plan_and_read_slides: plan the slide, then decode its chunks), a slide a task
     ray_data  the pipeline's read stage: Ray Data map_batches over that function, TaskPoolStrategy(size=N),
-              blocks of about one chunk (chunk_block_bytes), as embed_cohort builds it, consumed as references
-and two costs alone: planning a slide (thumbnail, tissue, lattice) and ray.put of one chunk's block, the copy into
-the object store that every chunk a read task yields pays. On 16-core H100 nodes the pipeline's read tasks decoded
-~10% fewer tiles a core than the ceiling (README, session 9); this splits such a gap into planning, that copy and
-what is left (Ray's scheduling, the tail of whole-slide tasks), on any machine.
+              the same block size (chunk_block_bytes: two chunks a block), consumed as references; unlike
+              embed_cohort's, no memory hint and rows in cohort order (the files are all one size here)
+and two costs alone: planning a slide (thumbnail, tissue, lattice) and ray.put of one chunk's worth of block, the
+copy into the object store that every decoded tile pays (linear in bytes, so per chunk whatever the block size).
+On 16-core H100 nodes the pipeline's read tasks decoded ~10% fewer tiles a core than the ceiling (README, session
+9); this splits such a gap into planning, that copy and what is left (Ray's scheduling, the tail of whole-slide
+tasks), on any machine.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def run(args) -> int:
     rates["loop"] = bench_decode(plans, px, chunk, n, min_seconds=args.decode_seconds, repeats=2)
     print(f"loop ({n} processes): {rates['loop']:.1f} tiles/s", file=sys.stderr)
 
+    default_wait = None
     if args.executor_wait_s is not None:
+        default_wait = _executor_wait()
         res["executor_wait_s"] = _set_executor_wait(args.executor_wait_s)
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -168,6 +172,8 @@ def run(args) -> int:
     finally:
         if started_ray:
             ray.shutdown()
+        if default_wait is not None:  # a caller's later datasets in this process run as Ray made them
+            _set_executor_wait(default_wait)
     res.update(_shares(res))
     res["tiles_per_s"] = {k: round(v, 2) for k, v in rates.items()}
     out = Path(args.out) if args.out else work / "read-results.json"
@@ -175,6 +181,12 @@ def run(args) -> int:
     print(_table(res))
     print(f"\nresults: {out}")
     return 0
+
+
+def _executor_wait() -> float | None:
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    return getattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None)
 
 
 def _set_executor_wait(seconds: float) -> float:

@@ -113,7 +113,11 @@ class CpuSampler:
         if not os.path.isdir("/proc/self"):
             return
         prev, prev_machine, prev_t = self._snapshot(), _machine_ticks(), time.time()
-        while not self._stop.wait(self.interval):
+        stopped = False
+        while not stopped:
+            # one last sample when stopped: the interval since the previous one (a run shorter than one interval
+            # still gets a sample)
+            stopped = self._stop.wait(self.interval)
             now, machine, t = self._snapshot(), _machine_ticks(), time.time()
             dt = max(t - prev_t, 1e-6)
             sample = {"t": t, "seconds": dt, **{k: 0.0 for k in KINDS}}
