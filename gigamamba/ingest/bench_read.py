@@ -4,8 +4,8 @@ The same cohort is decoded three ways on N processes (--processes):
     loop      bench ingest's decode ceiling: read_region + decode + resize of pre-planned chunks
     task      plain Ray tasks, at most N at once, each running the pipeline's own read function
               (plan_and_read_slides: plan the slide, then decode its chunks), a slide a task
-    ray_data  the pipeline's read stage: Ray Data map_batches over that function, TaskPoolStrategy(size=N),
-              the same block size (chunk_block_bytes: two chunks a block), consumed as references; unlike
+    ray_data  the pipeline's read stage (read_dataset, one task a slide, TaskPoolStrategy(size=N)) under its
+              block size (read_block_size: two chunks a block), consumed as references; unlike
               embed_cohort's, no memory hint and rows in cohort order (the files are all one size here)
 and two costs alone: planning a slide (thumbnail, tissue, lattice) and ray.put of one chunk's worth of block, the
 copy into the object store that every decoded tile pays (linear in bytes, so per chunk whatever the block size).
@@ -78,20 +78,16 @@ def _ray_data_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk:
     """The pipeline's read stage alone, its blocks counted as they arrive (never fetched): (tiles, seconds)."""
     import ray.data
 
-    from gigamamba.ingest.pipeline import chunk_block_bytes, plan_and_read_slides
+    from gigamamba.ingest.pipeline import read_block_size, read_dataset
 
     context = ray.data.DataContext.get_current()
-    default_block, progress = context.target_max_block_size, context.enable_progress_bars
-    context.target_max_block_size = chunk_block_bytes(tiles_per_chunk, input_px)
-    context.enable_progress_bars = False
+    progress, context.enable_progress_bars = context.enable_progress_bars, False
     try:  # datasets copy the context when created
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            plan_and_read_slides, batch_size=1, batch_format="numpy", num_cpus=1,
-            compute=ray.data.TaskPoolStrategy(size=n),
-            fn_kwargs={"tiling": tiling, "tissue": {}, "tiles_per_chunk": tiles_per_chunk, "input_px": input_px,
-                       "trace_dir": trace_dir})
+        with read_block_size(tiles_per_chunk, input_px):
+            ds = read_dataset(ray, rows, {"split_slides": False, "tiles_per_task": tiles_per_chunk}, tiling, {},
+                              input_px, {"num_cpus": 1, "compute": ray.data.TaskPoolStrategy(size=n)}, trace_dir)
     finally:
-        context.target_max_block_size, context.enable_progress_bars = default_block, progress
+        context.enable_progress_bars = progress
     t0, tiles = time.perf_counter(), 0
     for bundle in ds.iter_internal_ref_bundles():
         tiles += bundle.num_rows()

@@ -30,6 +30,7 @@ With GIGAMAMBA_INGEST_TRACE=DIR every stage appends JSON lines {"event", "t", "p
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -400,7 +401,7 @@ def _file_size(path: str) -> int:
 
 
 def chunk_block_bytes(tiles: int, input_px: int) -> int:
-    """Ray Data's target block size for the read stage: 1.5 chunks of decoded tiles.
+    """Ray Data's target block size for the read stage (read_block_size sets it): 1.5 chunks of decoded tiles.
 
     Ray Data 2.60 emits a block once its buffer holds *more* than the target, so a read task's blocks hold two
     chunks each (128 tiles at 64-tile chunks), and a slide's odd last chunk goes out alone at the task's end
@@ -408,6 +409,22 @@ def chunk_block_bytes(tiles: int, input_px: int) -> int:
     Not changed yet: a one-chunk target moves the first batch and the per-block costs on the GPU nodes, and that
     needs measuring there (README)."""
     return max(1 << 20, tiles * input_px * input_px * 3 * 3 // 2)
+
+
+@contextlib.contextmanager
+def read_block_size(tiles: int, input_px: int):
+    """Datasets created inside get read blocks of chunk_block_bytes. A read task yields a chunk of decoded tiles
+    at a time, and Ray Data would pack them into 128 MiB blocks (~850 tiles) before any reached the encoder.
+    Datasets copy the context when created, so the global default is restored on the way out."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    default = context.target_max_block_size
+    context.target_max_block_size = chunk_block_bytes(tiles, input_px)
+    try:
+        yield
+    finally:
+        context.target_max_block_size = default
 
 
 def _read_memory(tiles: int, input_px: int) -> int:
@@ -426,9 +443,10 @@ def encoder_spec(spec: dict) -> dict:
     return enc
 
 
-def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, tiling: dict, tissue: dict,
-                   read_args: dict, trace_dir: str | None = None):
-    """slides -> (plan, read) -> encoder actors, as a lazy Ray Data dataset (see the module docstring)."""
+def read_dataset(ray, slides: list[dict], ingest: dict, tiling: dict, tissue: dict, input_px: int, read_args: dict,
+                 trace_dir: str | None = None):
+    """slides -> (plan, read): the read stage of the pipeline as a lazy Ray Data dataset of decoded tile chunks.
+    read_args: map_batches' resources and compute for the read tasks (embed_cohort's carry a memory hint)."""
     ds = ray.data.from_items(slides, override_num_blocks=len(slides))
     if ingest["split_slides"]:
         ds = (
@@ -439,13 +457,20 @@ def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, 
                                    "tiles_per_chunk": int(ingest["tiles_per_task"]), "trace_dir": trace_dir})
             .repartition(target_num_rows_per_block=1)
             .map_batches(read_tiles_batch, batch_size=1, batch_format="numpy",
-                         fn_kwargs={"input_px": int(enc["input_px"]), "trace_dir": trace_dir}, **read_args)
+                         fn_kwargs={"input_px": input_px, "trace_dir": trace_dir}, **read_args)
         )
     else:
         ds = ds.map_batches(plan_and_read_slides, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"tiling": tiling, "tissue": tissue, "input_px": int(enc["input_px"]),
+                            fn_kwargs={"tiling": tiling, "tissue": tissue, "input_px": input_px,
                                        "tiles_per_chunk": int(ingest["tiles_per_task"]), "trace_dir": trace_dir},
                             **read_args)
+    return ds
+
+
+def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, tiling: dict, tissue: dict,
+                   read_args: dict, trace_dir: str | None = None):
+    """slides -> (plan, read) -> encoder actors, as a lazy Ray Data dataset (see the module docstring)."""
+    ds = read_dataset(ray, slides, ingest, tiling, tissue, int(enc["input_px"]), read_args, trace_dir)
     # calls_per_actor > 1: Ray Data assembles the next batch from its chunk blocks (and ships the last
     # output) in another thread of the actor while the encoder runs; the encoder calls stay one at a time.
     # With one call at a time the actor spent as long between calls as in them (H200: 26 vs 24 ms a
@@ -598,17 +623,10 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
                      # keeps Ray Data from fusing the reads into the embedding actors: decoding stays on CPUs.
                      "memory": read_memory,
                      "compute": ray.data.TaskPoolStrategy(size=_read_slots(ray, ingest, res, read_memory))}
-        # A read task yields a chunk of decoded tiles at a time; Ray Data would pack them into 128 MiB blocks
-        # (~850 tiles) before any reaches the encoder. Blocks of two chunks (chunk_block_bytes) keep the GPU fed
-        # from the first seconds. Datasets copy the context when created, so the global default is restored.
-        context = ray.data.DataContext.get_current()
-        default_block = context.target_max_block_size
-        context.target_max_block_size = chunk_block_bytes(int(ingest["tiles_per_task"]), int(enc["input_px"]))
         _trace(trace_dir, "dataset_start")  # store_ready -> here -> dataset_built: where a slow driver start goes
-        try:
+        # blocks of two chunks keep the GPU fed from the first seconds
+        with read_block_size(int(ingest["tiles_per_task"]), int(enc["input_px"])):
             ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args, trace_dir)
-        finally:
-            context.target_max_block_size = default_block
         _trace(trace_dir, "dataset_built", actors=res["size"])
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
