@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
         "gpu_actor_cpus": 0,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU;
                                      # README, bench ingest)
         "read_cpus": 1,              # Ray CPUs per read task
+        "chunks_per_block": 2,       # chunks of decoded tiles in a read block (Ray Data's unit to the encoder)
+        "executor_wait_s": None,     # Ray Data's per-step wait for finished tasks; None: Ray's own (0.1 s in 2.60;
+                                     # pipeline.executor_wait, README)
         "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)
     },
     "ray": {"address": None, "num_cpus": None, "num_gpus": None,

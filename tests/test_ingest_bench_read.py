@@ -56,16 +56,34 @@ def test_bench_read_decodes_the_whole_cohort_each_way(tmp_path, ray_local):
     assert classify(f"ray::{bench_read.plan_and_read_task.__name__}()", 1, 2) == "read"
 
 
-def test_executor_wait_is_set_and_bad_values_refused(monkeypatch):
+def test_executor_wait_is_set_inside_restored_after_and_bad_values_refused(monkeypatch):
     from ray.data._internal.execution import streaming_executor_state as state
 
-    from gigamamba.ingest import bench_read
+    from gigamamba.ingest.pipeline import executor_wait
 
-    monkeypatch.setattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S)
-    assert bench_read._set_executor_wait(0.02) == 0.02
-    assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0.02  # what Ray Data's scheduling loop reads each step
-    with pytest.raises(SystemExit, match="must be > 0"):
-        bench_read._set_executor_wait(0)
+    default = state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+    with executor_wait(0.02):
+        assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0.02  # what Ray Data's scheduling loop reads each step
+    assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == default
+    with pytest.raises(RuntimeError, match="boom"), executor_wait(0.03):
+        raise RuntimeError("boom")
+    assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == default  # restored on an error too
+    with executor_wait(None):
+        assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == default
+    for bad in (0, -1, "soon", float("nan")):
+        with pytest.raises(ValueError, match="ingest.executor_wait_s must be"), executor_wait(bad):
+            pass
     monkeypatch.delattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
-    with pytest.raises(SystemExit, match="has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
-        bench_read._set_executor_wait(0.02)
+    with pytest.raises(ValueError, match="has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"), executor_wait(0.02):
+        pass
+
+
+def test_bench_read_refuses_bad_settings_before_decoding(tmp_path, capsys):
+    from gigamamba.cli import main
+
+    for flag, value, says in (("--executor-wait-s", "0", "executor_wait_s must be"),
+                              ("--chunks-per-block", "0", "chunks_per_block must be")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "read", "--workdir", str(tmp_path / "w"), flag, value])
+        assert says in str(exc.value.code)
+    assert not (tmp_path / "w").exists()  # refused before any cohort was written

@@ -459,3 +459,40 @@ def test_ray_data_coordinator_is_started_early_and_a_failure_is_only_traced(ray_
     _start_ray_data_coordinator(str(tmp_path / "gone"))  # no exception
     assert [(e["event"], e["error"]) for e in read_trace(tmp_path / "gone")] == [("coordinator_not_started",
                                                                                  "ImportError")]
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2])
+def test_read_blocks_hold_chunks_per_block_chunks(cohort, ray_local, chunks_per_block):
+    """Ray Data emits a read block once it holds more than its target: the target chunk_block_bytes sets must give
+    blocks of exactly `chunks_per_block` chunks (session 10 found 1.5 chunks giving two), the last one shorter."""
+    import ray.data
+
+    from gigamamba.ingest.pipeline import read_block_size, read_dataset
+    from gigamamba.ingest.plan import plan_slide, read_slide_jobs
+
+    jobs, _ = read_slide_jobs(cohort / "cohort.csv")
+    job = next(j for j in jobs if j.slide_id == "clas000")
+    chunk, px = 12, 224  # 1.8 MB a chunk: 0.75 of it is above the 1 MiB floor of a block
+    n_tiles = plan_slide(job, TILING).n_tiles
+    assert n_tiles > 3 * chunk  # enough chunks to see whole blocks and a remainder
+    with read_block_size(chunk, px, chunks_per_block):
+        ds = read_dataset(ray_local, [job.to_row()], {"split_slides": False, "tiles_per_task": chunk}, TILING, {}, px,
+                          {"num_cpus": 1, "compute": ray.data.TaskPoolStrategy(size=1)})
+    rows = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
+    per_block = chunk * chunks_per_block
+    assert sum(rows) == n_tiles
+    assert rows[:-1] == [per_block] * (len(rows) - 1)
+    assert 0 < rows[-1] <= per_block
+
+
+def test_bad_ingest_settings_are_refused_before_anything_is_written(cohort, tmp_path):
+    from gigamamba.ingest.pipeline import embed_cohort
+
+    for key, value, says in (("executor_wait_s", 0, "ingest.executor_wait_s must be"),
+                             ("executor_wait_s", "fast", "ingest.executor_wait_s must be"),
+                             ("chunks_per_block", 0, "ingest.chunks_per_block must be")):
+        spec = _spec(cohort, str(tmp_path / f"{key}-{value}.zarr"))
+        spec["ingest"][key] = value
+        with pytest.raises(ValueError, match=says):
+            embed_cohort(spec, progress=False)
+        assert not (tmp_path / f"{key}-{value}.zarr").exists()

@@ -57,6 +57,11 @@ def configure(parser) -> None:
                         help="Ray CPUs a GPU encoder actor reserves (default 0: reads take every CPU)")
     parser.add_argument("--read-cpus", type=float, default=None,
                         help="Ray CPUs a read task reserves (default 1); below 1 runs more read tasks than cores")
+    parser.add_argument("--chunks-per-block", type=int, default=None,
+                        help="chunks of decoded tiles in a read block (ingest.chunks_per_block, default 2)")
+    parser.add_argument("--executor-wait-s", type=float, default=None,
+                        help="each step of Ray Data's scheduling loop waits at most this long for tasks to finish "
+                             "(ingest.executor_wait_s; default: Ray Data's own, 0.1 s in Ray 2.60)")
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--preload", default="",
@@ -245,6 +250,12 @@ def startup_breakdown(events: list[dict]) -> dict:
             firsts[e["pid"]] = min(firsts.get(e["pid"], e["t"]), e["t"])
     if firsts:
         out["read_processes_all_started"] = round(max(firsts.values()) - t0, 3)
+    from gigamamba.ingest.bench_read import slot_timeline
+
+    slots = slot_timeline(events)  # a read process's idle time between one slide's task and its next
+    for key in ("turnarounds", "turnaround_median_s", "turnaround_max_s", "turnaround_total_s"):
+        if key in slots:
+            out[key] = slots[key]
     if out.get("decode_rate_after_first_batch"):
         # what the start-up cost: the time to the first batch less the time the tiles decoded by then would
         # take at the later rate (seconds of steady decoding lost; README, session 9)
@@ -356,6 +367,13 @@ def run(args) -> int:
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
     from gigamamba.spec import resolve_spec
 
+    from gigamamba.ingest.pipeline import check_executor_wait, chunk_block_bytes
+
+    try:  # the pipeline's own checks, before minutes of ceilings
+        check_executor_wait(args.executor_wait_s)
+        chunk_block_bytes(args.tiles_per_task, args.input_px, 2 if args.chunks_per_block is None else args.chunks_per_block)
+    except ValueError as exc:
+        raise SystemExit(f"bench ingest: {exc}") from None
     work = Path(args.workdir).resolve()
     cuda = torch.cuda.is_available()
     batch_size = args.batch_size or (256 if cuda else 32)
@@ -424,10 +442,15 @@ def run(args) -> int:
             ingest["calls_per_actor"] = args.calls_per_actor
         if args.read_cpus is not None:
             ingest["read_cpus"] = args.read_cpus
+        if args.chunks_per_block is not None:
+            ingest["chunks_per_block"] = args.chunks_per_block
+        if args.executor_wait_s is not None:
+            ingest["executor_wait_s"] = args.executor_wait_s
         spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,
                              "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
                                          "batch_size": batch_size},
                              "store": str(work / f"store-{tag}.zarr"), "ingest": ingest}, work)
+        results["ingest"] = {k: v for k, v in spec["ingest"].items() if k != "tissue"}  # what the run ran with
         warm_spec = None
         if args.warm_ray_slides > 0:
             warm_csv = cohort_dir / f"cohort-warm-{args.warm_ray_slides}.csv"
@@ -544,5 +567,9 @@ def _startup_table(b: dict) -> str:
     if "decode_rate_after_first_batch" in b:
         lines.append(f"  decoding, tiles/s: {b['decode_rate_to_first_batch']:.0f} from the first chunk to the first "
                      f"batch, {b['decode_rate_after_first_batch']:.0f} from then to the last chunk")
+    if b.get("turnarounds"):
+        lines.append(f"  a read process between one slide's task and its next: {b['turnaround_median_s'] * 1e3:.0f} ms "
+                     f"median, {b['turnaround_max_s'] * 1e3:.0f} ms max, {b['turnaround_total_s']:.1f} s over "
+                     f"{b['turnarounds']} turnarounds")
     lines.append(f"  actors {b.get('actors', 0)}, read processes {b.get('read_processes', 0)}")
     return "\n".join(lines)

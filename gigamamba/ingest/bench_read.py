@@ -16,6 +16,7 @@ tasks), on any machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -43,9 +44,11 @@ def configure(parser) -> None:
                              "best counts (default 2)")
     parser.add_argument("--decode-seconds", type=float, default=10.0, help="the loop decodes at least this long")
     parser.add_argument("--executor-wait-s", type=float, default=None,
-                        help="experiment: how long each step of Ray Data's scheduling loop waits for tasks to finish "
-                             "(its internal WAIT_FOR_TASK_COMPLETION_TIMEOUT_S, 0.1 in Ray 2.60; default: Ray's). "
-                             "A read slot freed mid-step waits out the rest of it (README)")
+                        help="how long each step of Ray Data's scheduling loop waits for tasks to finish "
+                             "(ingest.executor_wait_s; Ray's internal WAIT_FOR_TASK_COMPLETION_TIMEOUT_S, 0.1 in Ray "
+                             "2.60; default: Ray's). A read slot freed mid-step waits out the rest of it (README)")
+    parser.add_argument("--chunks-per-block", type=int, default=DEFAULTS["ingest"]["chunks_per_block"],
+                        help="chunks in a read block (ingest.chunks_per_block, default %(default)s)")
     parser.add_argument("--sample-seconds", type=float, default=0.5,
                         help="the CPU sampler's interval (each sample costs the driver ~10 ms of CPU)")
     parser.add_argument("--out", default=None, help="results JSON (default WORKDIR/read-results.json)")
@@ -74,7 +77,7 @@ def _task_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk: int
 
 
 def _ray_data_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk: int, input_px: int,
-                   trace_dir: str | None = None) -> tuple[int, float]:
+                   trace_dir: str | None = None, chunks_per_block: int = 2) -> tuple[int, float]:
     """The pipeline's read stage alone, its blocks counted as they arrive (never fetched): (tiles, seconds)."""
     import ray.data
 
@@ -83,7 +86,7 @@ def _ray_data_pass(ray, rows: list[dict], n: int, tiling: dict, tiles_per_chunk:
     context = ray.data.DataContext.get_current()
     progress, context.enable_progress_bars = context.enable_progress_bars, False
     try:  # datasets copy the context when created
-        with read_block_size(tiles_per_chunk, input_px):
+        with read_block_size(tiles_per_chunk, input_px, chunks_per_block):
             ds = read_dataset(ray, rows, {"split_slides": False, "tiles_per_task": tiles_per_chunk}, tiling, {},
                               input_px, {"num_cpus": 1, "compute": ray.data.TaskPoolStrategy(size=n)}, trace_dir)
     finally:
@@ -116,11 +119,16 @@ def run(args) -> int:
 
     from gigamamba.ingest.bench import _machine, bench_cohort, bench_decode
     from gigamamba.ingest.cpu_sampler import CpuSampler
-    from gigamamba.ingest.pipeline import read_trace
+    from gigamamba.ingest.pipeline import chunk_block_bytes, check_executor_wait, executor_wait, read_trace
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
 
     if args.processes < 1 or args.passes < 1 or args.slides < 1:
         raise SystemExit("bench read: --processes, --passes and --slides must be >= 1")
+    try:  # the embed spec's checks, before minutes of decoding
+        check_executor_wait(args.executor_wait_s)
+        chunk_block_bytes(args.tiles_per_task, args.input_px, args.chunks_per_block)
+    except ValueError as exc:
+        raise SystemExit(f"bench read: {exc}") from None
     work = Path(args.workdir).resolve()
     unique = min(args.unique_slides or args.slides, args.slides)
     _, cohort_csv, _ = bench_cohort(work, args.slides, unique, args.size_px)
@@ -140,36 +148,36 @@ def run(args) -> int:
     rates["loop"] = bench_decode(plans, px, chunk, n, min_seconds=args.decode_seconds, repeats=2)
     print(f"loop ({n} processes): {rates['loop']:.1f} tiles/s", file=sys.stderr)
 
-    default_wait = None
-    if args.executor_wait_s is not None:
-        default_wait = _executor_wait()
-        res["executor_wait_s"] = _set_executor_wait(args.executor_wait_s)
+    res["executor_wait_s"] = args.executor_wait_s  # None: Ray Data's own
+    res["chunks_per_block"] = args.chunks_per_block
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
+    # this process runs Ray Data's scheduling loop, as embed_cohort's does: its per-step wait is set as
+    # ingest.executor_wait_s sets it there, and restored afterwards for a caller's later datasets
     try:
-        rows = [j.to_row() for j in jobs]
-        for way, one_pass in (("task", _task_pass), ("ray_data", _ray_data_pass)):
-            one_pass(ray, rows[:n], n, tiling, chunk, px)  # warm-up: n workers started, modules imported
-            best = 0.0
-            for _ in range(args.passes):
-                with CpuSampler(args.sample_seconds) as cpu:  # who else took the cores: the driver, Ray's daemons
-                    got, seconds = one_pass(ray, rows, n, tiling, chunk, px)
-                res["tiles"][way] = got
-                if got / seconds > best:
-                    best, res["cpu"][way] = got / seconds, cpu.summary()["all"]
-            rates[way] = best
-            print(f"{way} ({n} at once): {best:.1f} tiles/s", file=sys.stderr)
-        res["put_ms_per_chunk"] = round(_put_ms(ray, rows[0], tiling, chunk, px), 3)
-        # once more, traced: how long a read slot waits between one slide's task and the next
-        with tempfile.TemporaryDirectory(prefix="bench-read-trace-") as trace_dir:
-            _ray_data_pass(ray, rows, n, tiling, chunk, px, trace_dir)
-            res["ray_data_slots"] = slot_timeline(read_trace(trace_dir))
+        with executor_wait(args.executor_wait_s):
+            rows = [j.to_row() for j in jobs]
+            ray_data_pass = functools.partial(_ray_data_pass, chunks_per_block=args.chunks_per_block)
+            for way, one_pass in (("task", _task_pass), ("ray_data", ray_data_pass)):
+                one_pass(ray, rows[:n], n, tiling, chunk, px)  # warm-up: n workers started, modules imported
+                best = 0.0
+                for _ in range(args.passes):
+                    with CpuSampler(args.sample_seconds) as cpu:  # who else took the cores: driver, Ray's daemons
+                        got, seconds = one_pass(ray, rows, n, tiling, chunk, px)
+                    res["tiles"][way] = got
+                    if got / seconds > best:
+                        best, res["cpu"][way] = got / seconds, cpu.summary()["all"]
+                rates[way] = best
+                print(f"{way} ({n} at once): {best:.1f} tiles/s", file=sys.stderr)
+            res["put_ms_per_chunk"] = round(_put_ms(ray, rows[0], tiling, chunk, px), 3)
+            # once more, traced: how long a read slot waits between one slide's task and the next
+            with tempfile.TemporaryDirectory(prefix="bench-read-trace-") as trace_dir:
+                ray_data_pass(ray, rows, n, tiling, chunk, px, trace_dir)
+                res["ray_data_slots"] = slot_timeline(read_trace(trace_dir))
     finally:
         if started_ray:
             ray.shutdown()
-        if default_wait is not None:  # a caller's later datasets in this process run as Ray made them
-            _set_executor_wait(default_wait)
     res.update(_shares(res))
     res["tiles_per_s"] = {k: round(v, 2) for k, v in rates.items()}
     out = Path(args.out) if args.out else work / "read-results.json"
@@ -177,25 +185,6 @@ def run(args) -> int:
     print(_table(res))
     print(f"\nresults: {out}")
     return 0
-
-
-def _executor_wait() -> float | None:
-    from ray.data._internal.execution import streaming_executor_state as state
-
-    return getattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None)
-
-
-def _set_executor_wait(seconds: float) -> float:
-    """Set Ray Data's per-step wait for finished tasks (a module global read at each step; internal API:
-    refuse rather than silently measure the default when it has moved)."""
-    from ray.data._internal.execution import streaming_executor_state as state
-
-    if not hasattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
-        raise SystemExit("bench read: --executor-wait-s: this Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
-    if not seconds > 0:
-        raise SystemExit(f"bench read: --executor-wait-s must be > 0, got {seconds}")
-    state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = float(seconds)
-    return float(seconds)
 
 
 def slot_timeline(events: list[dict]) -> dict:

@@ -400,19 +400,26 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def chunk_block_bytes(tiles: int, input_px: int) -> int:
-    """Ray Data's target block size for the read stage (read_block_size sets it): 1.5 chunks of decoded tiles.
+def chunk_block_bytes(tiles: int, input_px: int, chunks_per_block: int = 2) -> int:
+    """Ray Data's target block size for the read stage (read_block_size sets it), such that a read task's blocks
+    hold `chunks_per_block` chunks of decoded tiles each.
 
-    Ray Data 2.60 emits a block once its buffer holds *more* than the target, so a read task's blocks hold two
-    chunks each (128 tiles at 64-tile chunks), and a slide's odd last chunk goes out alone at the task's end
-    (found in session 10 by counting rows per block; the intent, and older comments, said one chunk a block).
-    Not changed yet: a one-chunk target moves the first batch and the per-block costs on the GPU nodes, and that
-    needs measuring there (README)."""
-    return max(1 << 20, tiles * input_px * input_px * 3 * 3 // 2)
+    Ray Data 2.60 emits a block once its buffer holds *more* than the target, and slices a block only at 1.5x
+    the target or more (output_buffer.py), so a target of (k - 0.25) chunks gives blocks of exactly k chunks, and
+    a slide's odd last chunk goes out alone at the task's end. The default, 2, is what `embed_cohort` has run
+    with since 64-tile chunks (its target was 1.5 chunks, meant as one chunk a block: session 10 counted 128-tile
+    blocks). 1 halves the tiles a block holds back before the encoder sees them, and doubles the blocks."""
+    try:
+        k = int(chunks_per_block) if int(chunks_per_block) == chunks_per_block else 0
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or isinstance(chunks_per_block, bool):
+        raise ValueError(f"ingest.chunks_per_block must be an integer >= 1, got {chunks_per_block!r}")
+    return max(1 << 20, int(tiles * input_px * input_px * 3 * (k - 0.25)))
 
 
 @contextlib.contextmanager
-def read_block_size(tiles: int, input_px: int):
+def read_block_size(tiles: int, input_px: int, chunks_per_block: int = 2):
     """Datasets created inside get read blocks of chunk_block_bytes. A read task yields a chunk of decoded tiles
     at a time, and Ray Data would pack them into 128 MiB blocks (~850 tiles) before any reached the encoder.
     Datasets copy the context when created, so the global default is restored on the way out."""
@@ -420,11 +427,56 @@ def read_block_size(tiles: int, input_px: int):
 
     context = ray.data.DataContext.get_current()
     default = context.target_max_block_size
-    context.target_max_block_size = chunk_block_bytes(tiles, input_px)
+    context.target_max_block_size = chunk_block_bytes(tiles, input_px, chunks_per_block)
     try:
         yield
     finally:
         context.target_max_block_size = default
+
+
+def _wait_module():
+    from ray.data._internal.execution import streaming_executor_state
+
+    return streaming_executor_state
+
+
+def check_executor_wait(seconds) -> float | None:
+    """`ingest.executor_wait_s` checked: None (Ray Data's own wait) or seconds > 0 (ValueError otherwise, and
+    when this Ray Data has no such setting, rather than silently running with its default)."""
+    if seconds is None:
+        return None
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"ingest.executor_wait_s must be a number of seconds > 0 or null, got {seconds!r}") from None
+    if not value > 0:
+        raise ValueError(f"ingest.executor_wait_s must be > 0 seconds or null, got {seconds!r}")
+    if not hasattr(_wait_module(), "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
+        raise ValueError("ingest.executor_wait_s: this Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S to set; "
+                         "leave it null")
+    return value
+
+
+@contextlib.contextmanager
+def executor_wait(seconds: float | None):
+    """Inside, each step of Ray Data's scheduling loop (in this process) waits at most `seconds` for running tasks
+    to finish, instead of Ray Data's 0.1 s; None changes nothing. Restored on the way out.
+
+    The loop waits in ray.wait(every active task, num_returns=all, timeout) before it dispatches, so with many
+    tasks running each step lasts the whole timeout, and a read slot freed mid-step idles until the step ends:
+    ~150 ms between one slide's task and the next on the 2-core machine, 14 ms with one slot (bench read,
+    session 10). Internal API (a module global read at each step): check_executor_wait refuses it when moved."""
+    value = check_executor_wait(seconds)
+    if value is None:
+        yield
+        return
+    state = _wait_module()
+    default = state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+    state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = value
+    try:
+        yield
+    finally:
+        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = default
 
 
 def _read_memory(tiles: int, input_px: int) -> int:
@@ -534,6 +586,9 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         os.makedirs(trace_dir, exist_ok=True)
     _trace(trace_dir, "embed_start")
     enc = encoder_spec(spec)
+    ingest = {**INGEST_DEFAULTS, **(spec.get("ingest") or {})}
+    check_executor_wait(ingest["executor_wait_s"])  # spec errors before anything is started or written
+    chunk_block_bytes(int(ingest["tiles_per_task"]), int(enc["input_px"]), ingest["chunks_per_block"])
     # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
     # weights is a spec error). Its imports (torch: ~4 s on a 16-core H100 node; timm too for a timm model
     # name) overlap Ray's start-up, Ray Data's and the first reads instead of preceding them, in a child
@@ -546,7 +601,6 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
 
     cohort = spec["cohort"]
     tiling = {k: spec["tiling"][k] for k in ("patch_px", "target_mpp", "tissue_threshold")}
-    ingest = {**INGEST_DEFAULTS, **(spec.get("ingest") or {})}
     jobs, rejected = read_slide_jobs(cohort["csv"], cohort.get("slide_dir"))
 
     # Opening the store took 2.6-2.9 s after ray_ready on 16-core GPU nodes in session 6 (0.6 s here, most of
@@ -624,57 +678,59 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
                      "memory": read_memory,
                      "compute": ray.data.TaskPoolStrategy(size=_read_slots(ray, ingest, res, read_memory))}
         _trace(trace_dir, "dataset_start")  # store_ready -> here -> dataset_built: where a slow driver start goes
-        # blocks of two chunks keep the GPU fed from the first seconds
-        with read_block_size(int(ingest["tiles_per_task"]), int(enc["input_px"])):
+        # blocks of a few chunks (two by default) keep the GPU fed from the first seconds
+        with read_block_size(int(ingest["tiles_per_task"]), int(enc["input_px"]), int(ingest["chunks_per_block"])):
             ds = _build_dataset(ray, slides, ingest, enc, res, tiling, tissue, read_args, trace_dir)
         _trace(trace_dir, "dataset_built", actors=res["size"])
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
-        # One iterator throughout: each iter() of ds.iter_batches(...) would run the whole pipeline again.
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        # Nothing comes back for the first 15-20 s on a fresh 16-core node (Ray's workers, the encoder's
-        # imports): say so every 5 s rather than go quiet
-        waiting = tracker.heartbeat(f"starting: {res['size']} encoder actor(s), up to "
-                                    f"{read_args['compute'].size} read task(s) at once; waiting for the first tiles")
-        try:
-            batch = next(batches, None)  # Ray Data starts here; the probe runs meanwhile
-        except Exception:
-            probe.raise_error()  # a bad encoder fails the actors too: report the probe's own error
-            raise
-        finally:
-            waiting.set()
-        info = begin()
-        for n_batch, batch in enumerate(itertools.chain([batch], batches) if batch is not None else ()):
-            if n_batch == 0:
-                _trace(trace_dir, "first_batch", rows=len(batch["slide_id"]))
-            if n_batch < 16:  # the cadence of the first batches back, next to the actor's calls
-                _trace(trace_dir, "driver_batch", batch=n_batch + 1, rows=len(batch["slide_id"]))
-            sids = batch["slide_id"].astype(str)
-            for sid in np.unique(sids):
-                sel = sids == sid
-                if sid in finished:
-                    continue
-                if batch["i"][sel][0] < 0:  # the slide could not be planned
-                    finished.add(sid)
-                    tracker.planned += 1
-                    record(failure(sid, str(batch["error"][sel][0])))
-                    continue
-                asm = inflight.get(sid)
-                if asm is None:
-                    first = np.flatnonzero(sel)[0]
-                    asm = inflight[sid] = _Assembly(sid, int(batch["n_tiles"][first]),
-                                                    (int(batch["H"][first]), int(batch["W"][first])), info["dim"])
-                    tracker.n_tiles += asm.n_tiles
-                    tracker.planned += 1
-                asm.add(batch["i"][sel], batch["j"][sel], batch["features"][sel], batch["error"][sel],
-                        batch["plan"][sel])
-                tracker.got(int(sel.sum()))
-                if asm.done:
-                    finished.add(sid)
-                    record(_finish(store, inflight.pop(sid)))
-            tracker.say()
-        for sid, asm in inflight.items():  # only if Ray lost rows: never mark such a slide complete
-            record(failure(sid, f"slide {sid}: only {asm.received} of {asm.n_tiles} tiles came back"))
+        # Ray Data's scheduling loop runs in this process while we iterate: its per-step wait is set here
+        with executor_wait(ingest["executor_wait_s"]):
+            # One iterator throughout: each iter() of ds.iter_batches(...) would run the whole pipeline again.
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+            # Nothing comes back for the first 15-20 s on a fresh 16-core node (Ray's workers, the encoder's
+            # imports): say so every 5 s rather than go quiet
+            waiting = tracker.heartbeat(f"starting: {res['size']} encoder actor(s), up to "
+                                        f"{read_args['compute'].size} read task(s) at once; waiting for the first tiles")
+            try:
+                batch = next(batches, None)  # Ray Data starts here; the probe runs meanwhile
+            except Exception:
+                probe.raise_error()  # a bad encoder fails the actors too: report the probe's own error
+                raise
+            finally:
+                waiting.set()
+            info = begin()
+            for n_batch, batch in enumerate(itertools.chain([batch], batches) if batch is not None else ()):
+                if n_batch == 0:
+                    _trace(trace_dir, "first_batch", rows=len(batch["slide_id"]))
+                if n_batch < 16:  # the cadence of the first batches back, next to the actor's calls
+                    _trace(trace_dir, "driver_batch", batch=n_batch + 1, rows=len(batch["slide_id"]))
+                sids = batch["slide_id"].astype(str)
+                for sid in np.unique(sids):
+                    sel = sids == sid
+                    if sid in finished:
+                        continue
+                    if batch["i"][sel][0] < 0:  # the slide could not be planned
+                        finished.add(sid)
+                        tracker.planned += 1
+                        record(failure(sid, str(batch["error"][sel][0])))
+                        continue
+                    asm = inflight.get(sid)
+                    if asm is None:
+                        first = np.flatnonzero(sel)[0]
+                        asm = inflight[sid] = _Assembly(sid, int(batch["n_tiles"][first]),
+                                                        (int(batch["H"][first]), int(batch["W"][first])), info["dim"])
+                        tracker.n_tiles += asm.n_tiles
+                        tracker.planned += 1
+                    asm.add(batch["i"][sel], batch["j"][sel], batch["features"][sel], batch["error"][sel],
+                            batch["plan"][sel])
+                    tracker.got(int(sel.sum()))
+                    if asm.done:
+                        finished.add(sid)
+                        record(_finish(store, inflight.pop(sid)))
+                tracker.say()
+            for sid, asm in inflight.items():  # only if Ray lost rows: never mark such a slide complete
+                record(failure(sid, f"slide {sid}: only {asm.received} of {asm.n_tiles} tiles came back"))
     else:
         begin()
 
