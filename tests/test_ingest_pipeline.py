@@ -496,3 +496,35 @@ def test_bad_ingest_settings_are_refused_before_anything_is_written(cohort, tmp_
         with pytest.raises(ValueError, match=says):
             embed_cohort(spec, progress=False)
         assert not (tmp_path / f"{key}-{value}.zarr").exists()
+
+
+def test_read_workers_are_warmed_and_a_failure_is_only_traced(ray_local, tmp_path, monkeypatch):
+    from gigamamba.ingest import pipeline
+
+    for sub in ("ok", "gone"):
+        (tmp_path / sub).mkdir()
+    pipeline._warm_read_workers(2, str(tmp_path / "ok"))
+    (event,) = pipeline.read_trace(tmp_path / "ok")
+    assert event["event"] == "read_workers_warm" and 1 <= event["workers"] <= 2
+
+    def broken():
+        raise ImportError("no such module")
+
+    monkeypatch.setattr(pipeline, "warm_read_imports", broken)
+    pipeline._warm_read_workers(1, str(tmp_path / "gone"))  # no exception
+    assert [e["event"] for e in pipeline.read_trace(tmp_path / "gone")] == ["read_workers_not_warmed"]
+
+
+def test_fast_limits_refresh_is_set_inside_and_restored(monkeypatch):
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    from gigamamba.ingest.pipeline import LIMITS_REFRESH_S, fast_limits_refresh
+
+    default = ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
+    assert default > LIMITS_REFRESH_S  # Ray Data 2.60: 1 s, the wait this shortens
+    with fast_limits_refresh():
+        assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == LIMITS_REFRESH_S
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == default
+    with pytest.raises(RuntimeError), fast_limits_refresh():
+        raise RuntimeError("the pipeline failed")
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == default

@@ -172,7 +172,8 @@ def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -
 
 # trace events in startup_breakdown (under their own names); the first occurrence over all processes counts
 _STARTUP_EVENTS = (
-    "zarr_imported", "ray_ready", "coordinator_ready", "coordinator_not_started", "multinode_checked",
+    "zarr_imported", "ray_ready", "coordinator_ready", "coordinator_not_started", "read_workers_warm",
+    "read_workers_not_warmed", "multinode_checked",
     "store_opened", "store_ready", "dataset_start", "encoder_probe_done", "dataset_built", "read_task_start",
     "plan_done", "first_chunk_read", "actor_init_start", "actor_imports_done", "actor_cuda_ready",
     "actor_model_ready", "actor_first_call_start", "actor_first_call_done", "first_batch", "first_slide_complete",

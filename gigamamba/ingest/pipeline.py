@@ -543,6 +543,70 @@ def _import_zarr(trace_dir: str | None) -> None:
     _trace(trace_dir, "zarr_imported")
 
 
+def warm_read_imports() -> int:
+    """Run in a Ray worker before the pipeline: import what a read task needs, and return the worker's pid.
+
+    A Ray Data read task's worker first imports Ray Data and pyarrow to unpickle the task, then this module, and
+    its first slide's planning imports scipy, scikit-image, OpenSlide and PIL. On a fresh Ray every worker pays
+    that in its first task: on a 2-core machine the first of 4 sleep-only read tasks started 0.84 s after the
+    dataset began and the others 2.1-2.3 s after, against 0.14 s when the workers had imported these (README,
+    session 11)."""
+    import pyarrow  # noqa: F401
+    import ray.data  # noqa: F401
+    from PIL import Image  # noqa: F401
+    from scipy import ndimage  # noqa: F401
+    from skimage.filters import threshold_otsu  # noqa: F401
+
+    import openslide  # noqa: F401
+    from gigamamba.slides import reader  # noqa: F401
+
+    return os.getpid()
+
+
+def _warm_read_workers(slots: int, trace_dir: str | None) -> None:
+    """Have `slots` of Ray's idle workers import what read tasks need, while the driver opens the store and builds
+    the dataset (warm_read_imports says why). Plain tasks of one CPU, as the read tasks are, so Ray hands the read
+    tasks the same (pooled) workers. A failure only traces: the read tasks then import as they always did."""
+    import ray
+
+    t0 = time.perf_counter()
+    try:
+        task = ray.remote(num_cpus=1)(warm_read_imports)
+        pids = ray.get([task.remote() for _ in range(max(1, int(slots)))], timeout=120)
+    except Exception as exc:  # never the pipeline's problem
+        _trace(trace_dir, "read_workers_not_warmed", error=type(exc).__name__)
+        return
+    _trace(trace_dir, "read_workers_warm", workers=len(set(pids)), seconds=round(time.perf_counter() - t0, 3))
+
+
+# How often Ray Data refreshes its view of the resources it may use. Ray Data 2.60 reads them from its coordinator
+# actor without blocking: the first read returns nothing and asks, and the answer is read at the next refresh,
+# which comes 1 s later (ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S). Until then its budget is zero and an
+# idle operator runs one task: the other read tasks started ~1 s after the first, on the GPU nodes and on the
+# 2-core machine alike (0.35 s at 0.1; README, session 11). Each refresh is a ray.wait(timeout=0) and at most one
+# small call to that actor.
+LIMITS_REFRESH_S = 0.1
+
+
+@contextlib.contextmanager
+def fast_limits_refresh(trace_dir: str | None = None, seconds: float = LIMITS_REFRESH_S):
+    """Inside, Ray Data (in this process) refreshes its resource limits every `seconds`; restored on the way out.
+    Internal API: when the setting has moved, this only traces and Ray Data runs as it would."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+
+        default = ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
+    except (ImportError, AttributeError) as exc:
+        _trace(trace_dir, "limits_refresh_not_set", error=type(exc).__name__)
+        yield
+        return
+    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(default, seconds)
+    try:
+        yield
+    finally:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = default
+
+
 def _start_ray_data_coordinator(trace_dir: str | None) -> None:
     """Start Ray Data's AutoscalingCoordinator actor now, in a thread, instead of when the dataset first runs.
 
@@ -613,6 +677,11 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     coordinator = threading.Thread(target=_start_ray_data_coordinator, args=(trace_dir,),
                                    name="ray-data-coordinator", daemon=True)
     coordinator.start()
+    res = _embed_resources(ray, ingest)
+    read_memory = _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))
+    slots = _read_slots(ray, ingest, res, read_memory)
+    warm = threading.Thread(target=_warm_read_workers, args=(slots, trace_dir), name="warm-read-workers", daemon=True)
+    warm.start()
     check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
     _trace(trace_dir, "multinode_checked")
     zarr_import.join()
@@ -669,14 +738,12 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         slides = [j.to_row() for j in todo]
         # Largest files first: with one task per slide, a big slide started last would run on alone.
         slides.sort(key=lambda row: -_file_size(row["path"]))
-        res = _embed_resources(ray, ingest)
         tissue = ingest.get("tissue") or {}
-        read_memory = _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))
         read_args = {"num_cpus": float(ingest["read_cpus"]),
                      # The memory hint is real (a chunk of decoded tiles plus OpenSlide's caches), and it also
                      # keeps Ray Data from fusing the reads into the embedding actors: decoding stays on CPUs.
                      "memory": read_memory,
-                     "compute": ray.data.TaskPoolStrategy(size=_read_slots(ray, ingest, res, read_memory))}
+                     "compute": ray.data.TaskPoolStrategy(size=slots)}
         _trace(trace_dir, "dataset_start")  # store_ready -> here -> dataset_built: where a slow driver start goes
         # blocks of a few chunks (two by default) keep the GPU fed from the first seconds
         with read_block_size(int(ingest["tiles_per_task"]), int(enc["input_px"]), int(ingest["chunks_per_block"])):
@@ -684,8 +751,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         _trace(trace_dir, "dataset_built", actors=res["size"])
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
-        # Ray Data's scheduling loop runs in this process while we iterate: its per-step wait is set here
-        with executor_wait(ingest["executor_wait_s"]):
+        # Ray Data's scheduling loop runs in this process while we iterate: its settings are made here
+        with executor_wait(ingest["executor_wait_s"]), fast_limits_refresh(trace_dir):
             # One iterator throughout: each iter() of ds.iter_batches(...) would run the whole pipeline again.
             batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
             # Nothing comes back for the first 15-20 s on a fresh 16-core node (Ray's workers, the encoder's
@@ -741,6 +808,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     out = out.reset_index(drop=True)
     if todo:  # Ray Data waited for the coordinator too, so this is at once; nothing of the run outlives it
         coordinator.join(timeout=30)
+    warm.join(timeout=30)
     _trace(trace_dir, "embed_end", tiles=tracker.tiles)
     streaming = (tracker.last_tile - tracker.first_tile) if tracker.first_tile else 0.0
     # Throughput for benchmarks: the whole call, and the steady state from first to last tile back.
