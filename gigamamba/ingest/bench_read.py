@@ -5,7 +5,8 @@ The same cohort is decoded three ways on N processes (--processes):
     task      plain Ray tasks, at most N at once, each running the pipeline's own read function
               (plan_and_read_slides: plan the slide, then decode its chunks), a slide a task
     ray_data  the pipeline's read stage (read_dataset, one task a slide, TaskPoolStrategy(size=N)) under its
-              block size (read_block_size: two chunks a block), consumed as references; unlike
+              block size (read_block_size: two chunks a block) and its limits refresh (fast_limits_refresh, since
+              session 11), consumed as references; unlike
               embed_cohort's, no memory hint and rows in cohort order (the files are all one size here)
 and two costs alone: planning a slide (thumbnail, tissue, lattice) and ray.put of one chunk's worth of block, the
 copy into the object store that every decoded tile pays (linear in bytes, so per chunk whatever the block size).
@@ -119,7 +120,8 @@ def run(args) -> int:
 
     from gigamamba.ingest.bench import _machine, bench_cohort, bench_decode
     from gigamamba.ingest.cpu_sampler import CpuSampler
-    from gigamamba.ingest.pipeline import chunk_block_bytes, check_executor_wait, executor_wait, read_trace
+    from gigamamba.ingest.pipeline import (check_executor_wait, chunk_block_bytes, executor_wait, fast_limits_refresh,
+                                           read_trace)
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
 
     if args.processes < 1 or args.passes < 1 or args.slides < 1:
@@ -153,10 +155,10 @@ def run(args) -> int:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
-    # this process runs Ray Data's scheduling loop, as embed_cohort's does: its per-step wait is set as
-    # ingest.executor_wait_s sets it there, and restored afterwards for a caller's later datasets
+    # this process runs Ray Data's scheduling loop, as embed_cohort's does: its per-step wait and its limits refresh
+    # are set as embed_cohort sets them, and restored afterwards for a caller's later datasets
     try:
-        with executor_wait(args.executor_wait_s):
+        with executor_wait(args.executor_wait_s), fast_limits_refresh():
             rows = [j.to_row() for j in jobs]
             ray_data_pass = functools.partial(_ray_data_pass, chunks_per_block=args.chunks_per_block)
             for way, one_pass in (("task", _task_pass), ("ray_data", ray_data_pass)):
