@@ -70,7 +70,7 @@ def test_executor_wait_is_set_inside_restored_after_and_bad_values_refused(monke
     assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == default  # restored on an error too
     with executor_wait(None):
         assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == default
-    for bad in (0, -1, "soon", float("nan")):
+    for bad in (0, -1, "soon", float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="ingest.executor_wait_s must be"), executor_wait(bad):
             pass
     monkeypatch.delattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
@@ -87,3 +87,18 @@ def test_bench_read_refuses_bad_settings_before_decoding(tmp_path, capsys):
             main(["bench", "read", "--workdir", str(tmp_path / "w"), flag, value])
         assert says in str(exc.value.code)
     assert not (tmp_path / "w").exists()  # refused before any cohort was written
+
+
+def test_chunk_block_bytes_targets_k_chunks_and_refuses_non_integers():
+    from gigamamba.ingest.pipeline import chunk_block_bytes
+
+    chunk = 64 * 224 * 224 * 3  # bytes of a chunk of decoded tiles
+    # Ray Data emits a block once it holds more than the target and slices one only at 1.5x it: k - 0.25 chunks
+    # gives blocks of exactly k chunks
+    assert chunk_block_bytes(64, 224, 1) == int(0.75 * chunk)
+    assert chunk_block_bytes(64, 224, 2) == int(1.75 * chunk)
+    assert chunk_block_bytes(64, 224, 2.0) == int(1.75 * chunk)
+    assert chunk_block_bytes(4, 32, 1) == 1 << 20  # tiny demo tiles: never below 1 MiB a block
+    for bad in (0, -1, 2.5, True, "2", float("inf"), float("nan"), None):
+        with pytest.raises(ValueError, match="ingest.chunks_per_block must be an integer >= 1"):
+            chunk_block_bytes(64, 224, bad)

@@ -5,7 +5,7 @@ The same cohort is decoded three ways on N processes (--processes):
     task      plain Ray tasks, at most N at once, each running the pipeline's own read function
               (plan_and_read_slides: plan the slide, then decode its chunks), a slide a task
     ray_data  the pipeline's read stage (read_dataset, one task a slide, TaskPoolStrategy(size=N)) under its
-              block size (read_block_size: two chunks a block) and its limits refresh (fast_limits_refresh, since
+              block size (read_block_size: --chunks-per-block, two by default) and its limits refresh (fast_limits_refresh, since
               session 11), consumed as references; unlike
               embed_cohort's, no memory hint and rows in cohort order (the files are all one size here)
 and two costs alone: planning a slide (thumbnail, tissue, lattice) and ray.put of one chunk's worth of block, the

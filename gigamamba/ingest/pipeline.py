@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import socket
 import sys
@@ -206,8 +207,8 @@ def plan_and_read_slides(batch: dict, tiling: dict, tissue: dict, tiles_per_chun
         for chunk in plan_rows(row, tiling, tissue, tiles_per_chunk, trace_dir):
             yield read_tiles_batch({key: [value] for key, value in chunk.items()}, input_px, trace_dir)
         # the generator's end: Ray Data still builds and stores the block of any chunk it holds back (blocks hold
-        # two chunks, chunk_block_bytes), then the task ends; from here to this process's next read_task_start
-        # is the turnaround between tasks that `bench read` reports
+        # ingest.chunks_per_block chunks, two by default: chunk_block_bytes), then the task ends; from here to this
+        # process's next read_task_start is the turnaround between tasks that `bench read` reports
         _trace(trace_dir, "read_task_end", slide_id=str(row["slide_id"]))
 
 
@@ -411,7 +412,7 @@ def chunk_block_bytes(tiles: int, input_px: int, chunks_per_block: int = 2) -> i
     blocks). 1 halves the tiles a block holds back before the encoder sees them, and doubles the blocks."""
     try:
         k = int(chunks_per_block) if int(chunks_per_block) == chunks_per_block else 0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         k = 0
     if k < 1 or isinstance(chunks_per_block, bool):
         raise ValueError(f"ingest.chunks_per_block must be an integer >= 1, got {chunks_per_block!r}")
@@ -446,10 +447,10 @@ def check_executor_wait(seconds) -> float | None:
     if seconds is None:
         return None
     try:
-        value = float(seconds)
+        value = float(seconds) if not isinstance(seconds, bool) else math.nan
     except (TypeError, ValueError):
         raise ValueError(f"ingest.executor_wait_s must be a number of seconds > 0 or null, got {seconds!r}") from None
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise ValueError(f"ingest.executor_wait_s must be > 0 seconds or null, got {seconds!r}")
     if not hasattr(_wait_module(), "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
         raise ValueError("ingest.executor_wait_s: this Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S to set; "
@@ -549,8 +550,9 @@ def warm_read_imports() -> int:
     A Ray Data read task's worker first imports Ray Data and pyarrow to unpickle the task, then this module, and
     its first slide's planning imports scipy, scikit-image, OpenSlide and PIL. On a fresh Ray every worker pays
     that in its first task: on a 2-core machine the first of 4 sleep-only read tasks started 0.84 s after the
-    dataset began and the others 2.1-2.3 s after, against 0.14 s when the workers had imported these (README,
-    session 11)."""
+    dataset began and the others 2.1-2.6 s after; with the workers warmed first, 0.14-0.25 s and (Ray Data's
+    one-second hold, fast_limits_refresh) 1.16-1.37 s; with the fast refresh too, all within 0.23 s of the first
+    (scripts/ray_data_start_probe.py; README, session 11)."""
     import pyarrow  # noqa: F401
     import ray.data  # noqa: F401
     from PIL import Image  # noqa: F401
@@ -569,11 +571,15 @@ def _warm_read_workers(slots: int, trace_dir: str | None) -> None:
     tasks the same (pooled) workers. A failure only traces: the read tasks then import as they always did."""
     import ray
 
-    t0 = time.perf_counter()
+    t0, refs = time.perf_counter(), []
     try:
         task = ray.remote(num_cpus=1)(warm_read_imports)
-        pids = ray.get([task.remote() for _ in range(max(1, int(slots)))], timeout=120)
+        refs = [task.remote() for _ in range(max(1, int(slots)))]
+        pids = ray.get(refs, timeout=120)
     except Exception as exc:  # never the pipeline's problem
+        for ref in refs:  # a worker stuck importing must not hold a CPU the read tasks need
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
         _trace(trace_dir, "read_workers_not_warmed", error=type(exc).__name__)
         return
     _trace(trace_dir, "read_workers_warm", workers=len(set(pids)), seconds=round(time.perf_counter() - t0, 3))
@@ -583,7 +589,7 @@ def _warm_read_workers(slots: int, trace_dir: str | None) -> None:
 # actor without blocking: the first read returns nothing and asks, and the answer is read at the next refresh,
 # which comes 1 s later (ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S). Until then its budget is zero and an
 # idle operator runs one task: the other read tasks started ~1 s after the first, on the GPU nodes and on the
-# 2-core machine alike (0.35 s at 0.1; README, session 11). Each refresh is a ray.wait(timeout=0) and at most one
+# 2-core machine alike (within 0.23 s at 0.1; README, session 11). Each refresh is a ray.wait(timeout=0) and at most one
 # small call to that actor.
 LIMITS_REFRESH_S = 0.1
 
@@ -598,6 +604,8 @@ def fast_limits_refresh(trace_dir: str | None = None, seconds: float = LIMITS_RE
         default = ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
     except (ImportError, AttributeError) as exc:
         _trace(trace_dir, "limits_refresh_not_set", error=type(exc).__name__)
+        ResourceManager = None
+    if ResourceManager is None:
         yield
         return
     ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(default, seconds)
@@ -677,13 +685,15 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     coordinator = threading.Thread(target=_start_ray_data_coordinator, args=(trace_dir,),
                                    name="ray-data-coordinator", daemon=True)
     coordinator.start()
+    check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
+    _trace(trace_dir, "multinode_checked")
+    # Ray's idle workers import what read tasks need while the store opens and the dataset is built (started before
+    # the store says whether anything is left to embed: a rerun with nothing to do pays a few idle seconds of CPU)
     res = _embed_resources(ray, ingest)
     read_memory = _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))
     slots = _read_slots(ray, ingest, res, read_memory)
     warm = threading.Thread(target=_warm_read_workers, args=(slots, trace_dir), name="warm-read-workers", daemon=True)
     warm.start()
-    check_when_multinode(spec)  # before the store is touched: nothing written on a refusal
-    _trace(trace_dir, "multinode_checked")
     zarr_import.join()
     store = GridStore(spec["store"], mode="a")
     _trace(trace_dir, "store_opened")
@@ -806,9 +816,11 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     out = manifest[manifest["slide_id"].isin(ids)].copy()
     out["action"] = out["slide_id"].map(actions).fillna("kept")
     out = out.reset_index(drop=True)
-    if todo:  # Ray Data waited for the coordinator too, so this is at once; nothing of the run outlives it
+    if todo:  # Ray Data waited for the coordinator, and the warm-up ended seconds into the run: these are at once
         coordinator.join(timeout=30)
-    warm.join(timeout=30)
+        warm.join(timeout=30)
+    # with nothing to embed, neither is waited for: both are daemon threads, and the warm-up's tasks end on their
+    # own (or with the Ray this run started)
     _trace(trace_dir, "embed_end", tiles=tracker.tiles)
     streaming = (tracker.last_tile - tracker.first_tile) if tracker.first_tile else 0.0
     # Throughput for benchmarks: the whole call, and the steady state from first to last tile back.
