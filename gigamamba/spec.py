@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
         "chunks_per_block": 2,       # chunks of decoded tiles in a read block (Ray Data's unit to the encoder)
         "executor_wait_s": None,     # Ray Data's per-step wait for finished tasks; None: Ray's own (0.1 s in 2.60;
                                      # pipeline.executor_wait, README)
+        "limits_refresh_s": 0.1,     # how often Ray Data re-reads its resource limits (Ray's own: 1 s, and one read
+                                     # task runs alone until the second read); None: Ray's own (README, session 11)
+        "warm_read_workers": True,   # Ray's idle workers import the read tasks' modules at the start (session 11)
         "tissue": {},                # overrides of gigamamba.slides.tissue.DEFAULTS (mpp, blur_um, close_um, ...)
     },
     "ray": {"address": None, "num_cpus": None, "num_gpus": None,

@@ -82,6 +82,7 @@ def test_bench_read_refuses_bad_settings_before_decoding(tmp_path, capsys):
     from gigamamba.cli import main
 
     for flag, value, says in (("--executor-wait-s", "0", "executor_wait_s must be"),
+                              ("--limits-refresh-s", "-1", "limits_refresh_s must be"),
                               ("--chunks-per-block", "0", "chunks_per_block must be")):
         with pytest.raises(SystemExit) as exc:
             main(["bench", "read", "--workdir", str(tmp_path / "w"), flag, value])

@@ -280,6 +280,8 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
     driver = [e for e in events if e["pid"] == os.getpid()]
     assert [e["event"] for e in driver][0] == "embed_start" and driver[-1]["event"] == "embed_end"
     assert started == [str(trace)]  # Ray Data's coordinator was started beside the run, traced
+    (warm,) = [e for e in events if e["event"] == "read_workers_warm"]  # on by default: idle workers imported first
+    assert warm["workers"] >= 1
     t = {name: _first(events, name) for name in (
         "embed_start", "dataset_built", "read_task_start", "plan_done", "first_chunk_read", "actor_init_start",
         "actor_imports_done", "actor_model_ready", "actor_first_call_start", "actor_first_call_done",
@@ -319,11 +321,16 @@ def test_startup_trace_events_exist_and_are_ordered(cohort, ray_local, tmp_path,
     rows = [e["rows"] for e in events if e["event"] == "driver_batch"]
     assert rows and rows[0] == next(e["rows"] for e in events if e["event"] == "first_batch")
 
-    # Unset: nothing is written anywhere.
+    # Unset: nothing is written anywhere. And with ingest.warm_read_workers off, no warm-up is started.
     monkeypatch.delenv(TRACE_ENV)
     before = sorted(p.name for p in trace.iterdir())
-    embed_cohort(_spec(cohort, "trace.zarr"), progress=False)
+    warmed = []
+    monkeypatch.setattr(pipeline, "_warm_read_workers", lambda *args: warmed.append(args))
+    spec = _spec(cohort, "trace.zarr")
+    spec["ingest"]["warm_read_workers"] = False
+    embed_cohort(spec, progress=False)
     assert sorted(p.name for p in trace.iterdir()) == before and read_trace(trace) == events
+    assert warmed == []
 
 
 def test_split_layout_stages_trace_plan_and_first_chunk(cohort, tmp_path):
@@ -353,6 +360,9 @@ def test_spec_and_pipeline_agree_on_ingest_defaults():
     from gigamamba.spec import DEFAULTS
 
     assert INGEST_DEFAULTS is DEFAULTS["ingest"]
+    from gigamamba.ingest.pipeline import LIMITS_REFRESH_S
+
+    assert INGEST_DEFAULTS["limits_refresh_s"] == LIMITS_REFRESH_S  # the measured setting is the default
     # the read tasks' memory hint is Ray Data's advice, 1.25x what it measured them using: 307 MiB at 64 tiles of
     # 224 px on a GPU node, 291 MiB in the demo's reads (64 px)
     assert _read_memory(INGEST_DEFAULTS["tiles_per_task"], 224) >= 1.25 * (307 << 20)
@@ -490,7 +500,9 @@ def test_bad_ingest_settings_are_refused_before_anything_is_written(cohort, tmp_
 
     for key, value, says in (("executor_wait_s", 0, "ingest.executor_wait_s must be"),
                              ("executor_wait_s", "fast", "ingest.executor_wait_s must be"),
-                             ("chunks_per_block", 0, "ingest.chunks_per_block must be")):
+                             ("chunks_per_block", 0, "ingest.chunks_per_block must be"),
+                             ("limits_refresh_s", 0, "ingest.limits_refresh_s must be"),
+                             ("warm_read_workers", "yes", "ingest.warm_read_workers must be true or false")):
         spec = _spec(cohort, str(tmp_path / f"{key}-{value}.zarr"))
         spec["ingest"][key] = value
         with pytest.raises(ValueError, match=says):
@@ -528,3 +540,7 @@ def test_fast_limits_refresh_is_set_inside_and_restored(monkeypatch):
     with pytest.raises(RuntimeError), fast_limits_refresh():
         raise RuntimeError("the pipeline failed")
     assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == default
+    with fast_limits_refresh(seconds=None):  # ingest.limits_refresh_s: null keeps Ray Data's own
+        assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == default
+    with pytest.raises(ValueError, match="ingest.limits_refresh_s must be"), fast_limits_refresh(seconds=-1):
+        pass

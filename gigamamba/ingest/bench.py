@@ -62,6 +62,12 @@ def configure(parser) -> None:
     parser.add_argument("--executor-wait-s", type=float, default=None,
                         help="each step of Ray Data's scheduling loop waits at most this long for tasks to finish "
                              "(ingest.executor_wait_s; default: Ray Data's own, 0.1 s in Ray 2.60)")
+    parser.add_argument("--limits-refresh-s", type=seconds_or_none, default=DEFAULTS["ingest"]["limits_refresh_s"],
+                        help="how often Ray Data re-reads its resource limits (ingest.limits_refresh_s, default "
+                             "%(default)s; none: Ray Data's own, 1 s in Ray 2.60)")
+    parser.add_argument("--no-warm-read-workers", action="store_true",
+                        help="ingest.warm_read_workers: false (Ray's idle workers do not import the read tasks' "
+                             "modules first)")
     parser.add_argument("--cpus-per-actor", type=int, default=None, help="CPU-only: torch threads per encoder actor")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--preload", default="",
@@ -76,6 +82,11 @@ def configure(parser) -> None:
                              "cluster where Ray outlives a job (default 0: a fresh Ray, as `gigamamba embed` starts)")
     parser.add_argument("--skip", action="append", default=[], choices=("decode", "encoder", "clam", "pipeline"))
     parser.add_argument("--out", default=None, help="write the results as JSON here (default WORKDIR/results.json)")
+
+
+def seconds_or_none(text: str) -> float | None:
+    """argparse type: seconds, or none/null for Ray Data's own setting."""
+    return None if text.strip().lower() in ("none", "null") else float(text)
 
 
 def _machine() -> dict:
@@ -368,10 +379,11 @@ def run(args) -> int:
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
     from gigamamba.spec import resolve_spec
 
-    from gigamamba.ingest.pipeline import check_executor_wait, chunk_block_bytes
+    from gigamamba.ingest.pipeline import check_executor_wait, check_seconds, chunk_block_bytes
 
     try:  # the pipeline's own checks, before minutes of ceilings
         check_executor_wait(args.executor_wait_s)
+        check_seconds("ingest.limits_refresh_s", args.limits_refresh_s)
         chunk_block_bytes(args.tiles_per_task, args.input_px, 2 if args.chunks_per_block is None else args.chunks_per_block)
     except ValueError as exc:
         raise SystemExit(f"bench ingest: {exc}") from None
@@ -447,6 +459,8 @@ def run(args) -> int:
             ingest["chunks_per_block"] = args.chunks_per_block
         if args.executor_wait_s is not None:
             ingest["executor_wait_s"] = args.executor_wait_s
+        ingest["limits_refresh_s"] = args.limits_refresh_s
+        ingest["warm_read_workers"] = not args.no_warm_read_workers
         spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,
                              "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
                                          "batch_size": batch_size},

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gigamamba.ingest.bench import seconds_or_none
 from gigamamba.spec import DEFAULTS
 
 
@@ -48,6 +49,9 @@ def configure(parser) -> None:
                         help="how long each step of Ray Data's scheduling loop waits for tasks to finish "
                              "(ingest.executor_wait_s; Ray's internal WAIT_FOR_TASK_COMPLETION_TIMEOUT_S, 0.1 in Ray "
                              "2.60; default: Ray's). A read slot freed mid-step waits out the rest of it (README)")
+    parser.add_argument("--limits-refresh-s", type=seconds_or_none, default=DEFAULTS["ingest"]["limits_refresh_s"],
+                        help="how often Ray Data re-reads its resource limits (ingest.limits_refresh_s, default "
+                             "%(default)s; none: Ray Data's own, 1 s in Ray 2.60)")
     parser.add_argument("--chunks-per-block", type=int, default=DEFAULTS["ingest"]["chunks_per_block"],
                         help="chunks in a read block (ingest.chunks_per_block, default %(default)s)")
     parser.add_argument("--sample-seconds", type=float, default=0.5,
@@ -120,14 +124,15 @@ def run(args) -> int:
 
     from gigamamba.ingest.bench import _machine, bench_cohort, bench_decode
     from gigamamba.ingest.cpu_sampler import CpuSampler
-    from gigamamba.ingest.pipeline import (check_executor_wait, chunk_block_bytes, executor_wait, fast_limits_refresh,
-                                           read_trace)
+    from gigamamba.ingest.pipeline import (check_executor_wait, check_seconds, chunk_block_bytes, executor_wait,
+                                           fast_limits_refresh, read_trace)
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
 
     if args.processes < 1 or args.passes < 1 or args.slides < 1:
         raise SystemExit("bench read: --processes, --passes and --slides must be >= 1")
     try:  # the embed spec's checks, before minutes of decoding
         check_executor_wait(args.executor_wait_s)
+        check_seconds("ingest.limits_refresh_s", args.limits_refresh_s)
         chunk_block_bytes(args.tiles_per_task, args.input_px, args.chunks_per_block)
     except ValueError as exc:
         raise SystemExit(f"bench read: {exc}") from None
@@ -152,13 +157,14 @@ def run(args) -> int:
 
     res["executor_wait_s"] = args.executor_wait_s  # None: Ray Data's own
     res["chunks_per_block"] = args.chunks_per_block
+    res["limits_refresh_s"] = args.limits_refresh_s  # None: Ray Data's own
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
     # this process runs Ray Data's scheduling loop, as embed_cohort's does: its per-step wait and its limits refresh
     # are set as embed_cohort sets them, and restored afterwards for a caller's later datasets
     try:
-        with executor_wait(args.executor_wait_s), fast_limits_refresh():
+        with executor_wait(args.executor_wait_s), fast_limits_refresh(seconds=args.limits_refresh_s):
             rows = [j.to_row() for j in jobs]
             ray_data_pass = functools.partial(_ray_data_pass, chunks_per_block=args.chunks_per_block)
             for way, one_pass in (("task", _task_pass), ("ray_data", ray_data_pass)):

@@ -441,17 +441,25 @@ def _wait_module():
     return streaming_executor_state
 
 
-def check_executor_wait(seconds) -> float | None:
-    """`ingest.executor_wait_s` checked: None (Ray Data's own wait) or seconds > 0 (ValueError otherwise, and
-    when this Ray Data has no such setting, rather than silently running with its default)."""
+def check_seconds(key: str, seconds) -> float | None:
+    """A setting in seconds: None, or a finite number > 0 (ValueError naming `key` otherwise)."""
     if seconds is None:
         return None
     try:
         value = float(seconds) if not isinstance(seconds, bool) else math.nan
     except (TypeError, ValueError):
-        raise ValueError(f"ingest.executor_wait_s must be a number of seconds > 0 or null, got {seconds!r}") from None
+        raise ValueError(f"{key} must be a number of seconds > 0 or null, got {seconds!r}") from None
     if not 0 < value < math.inf:
-        raise ValueError(f"ingest.executor_wait_s must be > 0 seconds or null, got {seconds!r}")
+        raise ValueError(f"{key} must be > 0 seconds or null, got {seconds!r}")
+    return value
+
+
+def check_executor_wait(seconds) -> float | None:
+    """`ingest.executor_wait_s` checked: None (Ray Data's own wait) or seconds > 0 (ValueError otherwise, and
+    when this Ray Data has no such setting, rather than silently running with its default)."""
+    value = check_seconds("ingest.executor_wait_s", seconds)
+    if value is None:
+        return None
     if not hasattr(_wait_module(), "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
         raise ValueError("ingest.executor_wait_s: this Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S to set; "
                          "leave it null")
@@ -595,9 +603,13 @@ LIMITS_REFRESH_S = 0.1
 
 
 @contextlib.contextmanager
-def fast_limits_refresh(trace_dir: str | None = None, seconds: float = LIMITS_REFRESH_S):
-    """Inside, Ray Data (in this process) refreshes its resource limits every `seconds`; restored on the way out.
-    Internal API: when the setting has moved, this only traces and Ray Data runs as it would."""
+def fast_limits_refresh(trace_dir: str | None = None, seconds: float | None = LIMITS_REFRESH_S):
+    """Inside, Ray Data (in this process) refreshes its resource limits every `seconds` (None: as Ray Data does);
+    restored on the way out. Internal API: when the setting has moved, this only traces and Ray Data runs as it
+    would."""
+    if check_seconds("ingest.limits_refresh_s", seconds) is None:
+        yield
+        return
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
 
@@ -608,7 +620,7 @@ def fast_limits_refresh(trace_dir: str | None = None, seconds: float = LIMITS_RE
     if ResourceManager is None:
         yield
         return
-    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(default, seconds)
+    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(default, float(seconds))
     try:
         yield
     finally:
@@ -660,6 +672,9 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     enc = encoder_spec(spec)
     ingest = {**INGEST_DEFAULTS, **(spec.get("ingest") or {})}
     check_executor_wait(ingest["executor_wait_s"])  # spec errors before anything is started or written
+    check_seconds("ingest.limits_refresh_s", ingest["limits_refresh_s"])
+    if not isinstance(ingest["warm_read_workers"], bool):
+        raise ValueError(f"ingest.warm_read_workers must be true or false, got {ingest['warm_read_workers']!r}")
     chunk_block_bytes(int(ingest["tiles_per_task"]), int(enc["input_px"]), ingest["chunks_per_block"])
     # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
     # weights is a spec error). Its imports (torch: ~4 s on a 16-core H100 node; timm too for a timm model
@@ -693,7 +708,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     read_memory = _read_memory(int(ingest["tiles_per_task"]), int(enc["input_px"]))
     slots = _read_slots(ray, ingest, res, read_memory)
     warm = threading.Thread(target=_warm_read_workers, args=(slots, trace_dir), name="warm-read-workers", daemon=True)
-    warm.start()
+    if ingest["warm_read_workers"]:
+        warm.start()
     zarr_import.join()
     store = GridStore(spec["store"], mode="a")
     _trace(trace_dir, "store_opened")
@@ -762,7 +778,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
         inflight: dict[str, _Assembly] = {}
         finished: set[str] = set()
         # Ray Data's scheduling loop runs in this process while we iterate: its settings are made here
-        with executor_wait(ingest["executor_wait_s"]), fast_limits_refresh(trace_dir):
+        with executor_wait(ingest["executor_wait_s"]), fast_limits_refresh(trace_dir, ingest["limits_refresh_s"]):
             # One iterator throughout: each iter() of ds.iter_batches(...) would run the whole pipeline again.
             batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
             # Nothing comes back for the first 15-20 s on a fresh 16-core node (Ray's workers, the encoder's
@@ -818,7 +834,8 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     out = out.reset_index(drop=True)
     if todo:  # Ray Data waited for the coordinator, and the warm-up ended seconds into the run: these are at once
         coordinator.join(timeout=30)
-        warm.join(timeout=30)
+        if warm.is_alive():
+            warm.join(timeout=30)
     # with nothing to embed, neither is waited for: both are daemon threads, and the warm-up's tasks end on their
     # own (or with the Ray this run started)
     _trace(trace_dir, "embed_end", tiles=tracker.tiles)
