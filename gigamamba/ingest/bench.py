@@ -57,14 +57,7 @@ def configure(parser) -> None:
                         help="Ray CPUs a GPU encoder actor reserves (default 0: reads take every CPU)")
     parser.add_argument("--read-cpus", type=float, default=None,
                         help="Ray CPUs a read task reserves (default 1); below 1 runs more read tasks than cores")
-    parser.add_argument("--chunks-per-block", type=int, default=None,
-                        help="chunks of decoded tiles in a read block (ingest.chunks_per_block, default 2)")
-    parser.add_argument("--executor-wait-s", type=float, default=None,
-                        help="each step of Ray Data's scheduling loop waits at most this long for tasks to finish "
-                             "(ingest.executor_wait_s; default: Ray Data's own, 0.1 s in Ray 2.60)")
-    parser.add_argument("--limits-refresh-s", type=seconds_or_none, default=DEFAULTS["ingest"]["limits_refresh_s"],
-                        help="how often Ray Data re-reads its resource limits (ingest.limits_refresh_s, default "
-                             "%(default)s; none: Ray Data's own, 1 s in Ray 2.60)")
+    add_ray_data_settings(parser)
     parser.add_argument("--no-warm-read-workers", action="store_true",
                         help="ingest.warm_read_workers: false (Ray's idle workers do not import the read tasks' "
                              "modules first)")
@@ -87,6 +80,37 @@ def configure(parser) -> None:
 def seconds_or_none(text: str) -> float | None:
     """argparse type: seconds, or none/null for Ray Data's own setting."""
     return None if text.strip().lower() in ("none", "null") else float(text)
+
+
+def add_ray_data_settings(parser) -> None:
+    """The flags for the ingest keys that tune Ray Data, shared by `bench ingest` and `bench read`; defaults are the
+    spec's (ray_data_settings turns them back into ingest keys)."""
+    ingest = DEFAULTS["ingest"]
+    parser.add_argument("--chunks-per-block", type=int, default=ingest["chunks_per_block"],
+                        help="chunks of decoded tiles in a read block (ingest.chunks_per_block, default %(default)s)")
+    parser.add_argument("--executor-wait-s", type=float, default=ingest["executor_wait_s"],
+                        help="each step of Ray Data's scheduling loop waits at most this long for tasks to finish "
+                             "(ingest.executor_wait_s; default: Ray Data's own, 0.1 s in Ray 2.60). A read slot "
+                             "freed mid-step waits out the rest of it (README)")
+    parser.add_argument("--limits-refresh-s", type=seconds_or_none, default=ingest["limits_refresh_s"],
+                        help="how often Ray Data re-reads its resource limits (ingest.limits_refresh_s, default "
+                             "%(default)s; none: Ray Data's own, 1 s in Ray 2.60)")
+
+
+def ray_data_settings(args, command: str) -> dict:
+    """The spec's ingest keys with the flags of add_ray_data_settings (and --tiles-per-task, and
+    --no-warm-read-workers where the command has it) over them, checked as embed_cohort checks them: SystemExit
+    with the one-line error before minutes of measuring."""
+    from gigamamba.ingest.pipeline import check_ray_data_settings
+
+    ingest = {**DEFAULTS["ingest"], "tiles_per_task": args.tiles_per_task, "chunks_per_block": args.chunks_per_block,
+              "executor_wait_s": args.executor_wait_s, "limits_refresh_s": args.limits_refresh_s,
+              "warm_read_workers": not getattr(args, "no_warm_read_workers", False)}
+    try:
+        check_ray_data_settings(ingest, args.input_px)
+    except ValueError as exc:
+        raise SystemExit(f"{command}: {exc}") from None
+    return ingest
 
 
 def _machine() -> dict:
@@ -379,14 +403,7 @@ def run(args) -> int:
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
     from gigamamba.spec import resolve_spec
 
-    from gigamamba.ingest.pipeline import check_executor_wait, check_seconds, chunk_block_bytes
-
-    try:  # the pipeline's own checks, before minutes of ceilings
-        check_executor_wait(args.executor_wait_s)
-        check_seconds("ingest.limits_refresh_s", args.limits_refresh_s)
-        chunk_block_bytes(args.tiles_per_task, args.input_px, 2 if args.chunks_per_block is None else args.chunks_per_block)
-    except ValueError as exc:
-        raise SystemExit(f"bench ingest: {exc}") from None
+    settings = ray_data_settings(args, "bench ingest")
     work = Path(args.workdir).resolve()
     cuda = torch.cuda.is_available()
     batch_size = args.batch_size or (256 if cuda else 32)
@@ -455,12 +472,8 @@ def run(args) -> int:
             ingest["calls_per_actor"] = args.calls_per_actor
         if args.read_cpus is not None:
             ingest["read_cpus"] = args.read_cpus
-        if args.chunks_per_block is not None:
-            ingest["chunks_per_block"] = args.chunks_per_block
-        if args.executor_wait_s is not None:
-            ingest["executor_wait_s"] = args.executor_wait_s
-        ingest["limits_refresh_s"] = args.limits_refresh_s
-        ingest["warm_read_workers"] = not args.no_warm_read_workers
+        for key in ("chunks_per_block", "executor_wait_s", "limits_refresh_s", "warm_read_workers"):
+            ingest[key] = settings[key]
         spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,
                              "encoder": {"name": args.encoder, "weights": args.weights, "input_px": args.input_px,
                                          "batch_size": batch_size},

@@ -5,9 +5,9 @@ The same cohort is decoded three ways on N processes (--processes):
     task      plain Ray tasks, at most N at once, each running the pipeline's own read function
               (plan_and_read_slides: plan the slide, then decode its chunks), a slide a task
     ray_data  the pipeline's read stage (read_dataset, one task a slide, TaskPoolStrategy(size=N)) under its
-              block size (read_block_size: --chunks-per-block, two by default) and its limits refresh (fast_limits_refresh, since
-              session 11), consumed as references; unlike
-              embed_cohort's, no memory hint and rows in cohort order (the files are all one size here)
+              block size (read_block_size: --chunks-per-block, two by default) and its limits refresh
+              (fast_limits_refresh, since session 11), consumed as references; unlike embed_cohort's, no memory
+              hint and rows in cohort order (the files are all one size here)
 and two costs alone: planning a slide (thumbnail, tissue, lattice) and ray.put of one chunk's worth of block, the
 copy into the object store that every decoded tile pays (linear in bytes, so per chunk whatever the block size).
 On 16-core H100 nodes the pipeline's read tasks decoded ~10% fewer tiles a core than the ceiling (README, session
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gigamamba.ingest.bench import seconds_or_none
+from gigamamba.ingest.bench import add_ray_data_settings
 from gigamamba.spec import DEFAULTS
 
 
@@ -45,15 +45,7 @@ def configure(parser) -> None:
                         help="timed passes over the cohort for task and ray_data, after an untimed warm-up; the "
                              "best counts (default 2)")
     parser.add_argument("--decode-seconds", type=float, default=10.0, help="the loop decodes at least this long")
-    parser.add_argument("--executor-wait-s", type=float, default=None,
-                        help="how long each step of Ray Data's scheduling loop waits for tasks to finish "
-                             "(ingest.executor_wait_s; Ray's internal WAIT_FOR_TASK_COMPLETION_TIMEOUT_S, 0.1 in Ray "
-                             "2.60; default: Ray's). A read slot freed mid-step waits out the rest of it (README)")
-    parser.add_argument("--limits-refresh-s", type=seconds_or_none, default=DEFAULTS["ingest"]["limits_refresh_s"],
-                        help="how often Ray Data re-reads its resource limits (ingest.limits_refresh_s, default "
-                             "%(default)s; none: Ray Data's own, 1 s in Ray 2.60)")
-    parser.add_argument("--chunks-per-block", type=int, default=DEFAULTS["ingest"]["chunks_per_block"],
-                        help="chunks in a read block (ingest.chunks_per_block, default %(default)s)")
+    add_ray_data_settings(parser)
     parser.add_argument("--sample-seconds", type=float, default=0.5,
                         help="the CPU sampler's interval (each sample costs the driver ~10 ms of CPU)")
     parser.add_argument("--out", default=None, help="results JSON (default WORKDIR/read-results.json)")
@@ -122,20 +114,14 @@ def _put_ms(ray, row: dict, tiling: dict, tiles_per_chunk: int, input_px: int, r
 def run(args) -> int:
     import ray
 
-    from gigamamba.ingest.bench import _machine, bench_cohort, bench_decode
+    from gigamamba.ingest.bench import _machine, bench_cohort, bench_decode, ray_data_settings
     from gigamamba.ingest.cpu_sampler import CpuSampler
-    from gigamamba.ingest.pipeline import (check_executor_wait, check_seconds, chunk_block_bytes, executor_wait,
-                                           fast_limits_refresh, read_trace)
+    from gigamamba.ingest.pipeline import executor_wait, fast_limits_refresh, read_trace
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
 
     if args.processes < 1 or args.passes < 1 or args.slides < 1:
         raise SystemExit("bench read: --processes, --passes and --slides must be >= 1")
-    try:  # the embed spec's checks, before minutes of decoding
-        check_executor_wait(args.executor_wait_s)
-        check_seconds("ingest.limits_refresh_s", args.limits_refresh_s)
-        chunk_block_bytes(args.tiles_per_task, args.input_px, args.chunks_per_block)
-    except ValueError as exc:
-        raise SystemExit(f"bench read: {exc}") from None
+    ray_data_settings(args, "bench read")  # the embed spec's checks, before minutes of decoding
     work = Path(args.workdir).resolve()
     unique = min(args.unique_slides or args.slides, args.slides)
     _, cohort_csv, _ = bench_cohort(work, args.slides, unique, args.size_px)

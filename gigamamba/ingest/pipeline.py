@@ -466,6 +466,16 @@ def check_executor_wait(seconds) -> float | None:
     return value
 
 
+def check_ray_data_settings(ingest: dict, input_px: int) -> None:
+    """The ingest keys that tune Ray Data (chunks_per_block, executor_wait_s, limits_refresh_s, warm_read_workers),
+    checked before anything starts: ValueError naming the key. embed_cohort and both benches call this."""
+    check_executor_wait(ingest["executor_wait_s"])
+    check_seconds("ingest.limits_refresh_s", ingest["limits_refresh_s"])
+    if not isinstance(ingest["warm_read_workers"], bool):
+        raise ValueError(f"ingest.warm_read_workers must be true or false, got {ingest['warm_read_workers']!r}")
+    chunk_block_bytes(int(ingest["tiles_per_task"]), int(input_px), ingest["chunks_per_block"])
+
+
 @contextlib.contextmanager
 def executor_wait(seconds: float | None):
     """Inside, each step of Ray Data's scheduling loop (in this process) waits at most `seconds` for running tasks
@@ -597,9 +607,9 @@ def _warm_read_workers(slots: int, trace_dir: str | None) -> None:
 # actor without blocking: the first read returns nothing and asks, and the answer is read at the next refresh,
 # which comes 1 s later (ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S). Until then its budget is zero and an
 # idle operator runs one task: the other read tasks started ~1 s after the first, on the GPU nodes and on the
-# 2-core machine alike (within 0.23 s at 0.1; README, session 11). Each refresh is a ray.wait(timeout=0) and at most one
-# small call to that actor.
-LIMITS_REFRESH_S = 0.1
+# 2-core machine alike (within 0.23 s at 0.1; README, session 11). Each refresh is a ray.wait(timeout=0) and at
+# most one small call to that actor.
+LIMITS_REFRESH_S = INGEST_DEFAULTS["limits_refresh_s"]  # 0.1
 
 
 @contextlib.contextmanager
@@ -671,11 +681,7 @@ def embed_cohort(spec: dict, overwrite: bool = False, progress: bool = True, on_
     _trace(trace_dir, "embed_start")
     enc = encoder_spec(spec)
     ingest = {**INGEST_DEFAULTS, **(spec.get("ingest") or {})}
-    check_executor_wait(ingest["executor_wait_s"])  # spec errors before anything is started or written
-    check_seconds("ingest.limits_refresh_s", ingest["limits_refresh_s"])
-    if not isinstance(ingest["warm_read_workers"], bool):
-        raise ValueError(f"ingest.warm_read_workers must be true or false, got {ingest['warm_read_workers']!r}")
-    chunk_block_bytes(int(ingest["tiles_per_task"]), int(enc["input_px"]), ingest["chunks_per_block"])
+    check_ray_data_settings(ingest, enc["input_px"])  # spec errors before anything is started or written
     # The encoder is checked on the meta device before anything is written (a wrong name or unavailable
     # weights is a spec error). Its imports (torch: ~4 s on a 16-core H100 node; timm too for a timm model
     # name) overlap Ray's start-up, Ray Data's and the first reads instead of preceding them, in a child
