@@ -79,6 +79,8 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     cpu = res["cpu"]["all"]
     assert cpu["seconds"] > 0 and cpu["driver"] > 0 and cpu["read"] + cpu["encoder"] > 0, cpu
     assert all(0 <= cpu[k] <= res["cpu"]["cores"] * 1.2 for k in cpu if k != "seconds"), cpu
+    if b.get("decode_rate_after_first_batch") and res["cpu"].get("after", {}).get("read", 0) > 0:  # decoded after it
+        assert 0 < res["in_run_decode"]["fraction"] and "drift-free view" in text
     assert os.path.isdir(res["trace_dir"]) and os.listdir(res["trace_dir"])
     assert "start-up, seconds after embed_cohort started" in text and "actor_model_ready" in text
 
@@ -158,3 +160,32 @@ def test_the_table_warns_when_the_decode_ceiling_moved_during_the_run():
     assert "WARNING: the decode ceiling moved -31%" in _table(res)
     res["tiles_per_s"]["decode_ceiling_after_pipeline"] = 5300.0  # within 2%: no warning
     assert "WARNING" not in _table(res)
+
+
+def test_the_drift_free_view_uses_the_read_processes_own_rate_a_core():
+    """End to end over (cores x the read processes' in-run tiles a core-second), beside the ceiling's passes a core;
+    absent when the run was not traced or not CPU-sampled. Figures of session 12's run Q7 (README)."""
+    from gigamamba.ingest.bench import _table, in_run_decode
+
+    res = {"slides": 288, "tiles": 400896, "tiles_per_slide": 1392, "encoder": "resnet50-trunc", "input_px": 224,
+           "batch_size": 256, "machine": {"cpu": "Xeon", "cores": 16}, "decode_processes": 16,
+           "tiles_per_s": {"end_to_end": 3005.16, "decode_ceiling": 3701.71, "decode_ceiling_before_pipeline": 3701.71,
+                           "decode_ceiling_after_pipeline": 3676.34},
+           "startup_breakdown": {"decode_rate_after_first_batch": 3187.0},
+           "cpu": {"cores": 16, "after": {"seconds": 118.5, "read": 14.01}}}
+    got = in_run_decode(res)
+    assert got["tiles_per_read_core_s"] == pytest.approx(3187.0 / 14.01, abs=0.05)
+    assert got["ceiling"] == pytest.approx(16 * 3187.0 / 14.01, abs=0.1)
+    assert got["fraction"] == pytest.approx(3005.16 / (16 * 3187.0 / 14.01), abs=5e-4)  # 0.826
+    assert (got["ceiling_before_per_core"], got["ceiling_after_per_core"]) == (231.4, 229.8)
+    # the same decode rate on half the read cores: each core decoded twice as fast, so the in-run ceiling doubles
+    res["cpu"]["after"]["read"] = 7.005
+    assert in_run_decode(res)["fraction"] == pytest.approx(got["fraction"] / 2, abs=1e-3)
+    res["cpu"]["after"]["read"] = 14.01
+    res["in_run_decode"] = got
+    assert "227.5 tiles/s a core after the first batch (ceiling passes: 231.4 / 229.8 a core)" in _table(res)
+    assert "82.6%" in _table(res)
+    for missing in ("cpu", "startup_breakdown"):
+        assert in_run_decode({k: v for k, v in res.items() if k != missing}) is None
+    res["cpu"]["after"]["read"] = 0.0  # no read process was sampled after the first batch
+    assert in_run_decode(res) is None
