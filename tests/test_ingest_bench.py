@@ -178,6 +178,9 @@ def test_the_drift_free_view_uses_the_read_processes_own_rate_a_core():
     assert got["ceiling"] == pytest.approx(16 * 3187.0 / 14.01, abs=0.1)
     assert got["fraction"] == pytest.approx(3005.16 / (16 * 3187.0 / 14.01), abs=5e-4)  # 0.826
     assert (got["ceiling_before_per_core"], got["ceiling_after_per_core"]) == (231.4, 229.8)
+    # the ceiling's passes a core are over its decode processes, the in-run ceiling over the sampled cores
+    halved = in_run_decode({**res, "decode_processes": 8})
+    assert (halved["ceiling_before_per_core"], halved["fraction"]) == (462.7, got["fraction"])
     # the same decode rate on half the read cores: each core decoded twice as fast, so the in-run ceiling doubles
     res["cpu"]["after"]["read"] = 7.005
     assert in_run_decode(res)["fraction"] == pytest.approx(got["fraction"] / 2, abs=1e-3)

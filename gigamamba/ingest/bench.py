@@ -542,11 +542,12 @@ CEILING_DRIFT = 0.10  # decode-ceiling passes before and after the pipeline furt
 def in_run_decode(res: dict) -> dict | None:
     """The pipeline against its own read processes' decode rate a core during the run: a drift-free diagnostic.
 
-    The lent nodes' decode ceiling moved 2-27% between its passes before and after the pipeline (README), and
+    The lent nodes' decode ceiling moved 0.7-31% between its passes before and after the pipeline (README), and
     the bench's fraction moved with it (74-89% in runs whose read processes held the same 13.2-13.5 of 16 cores).
     Here the ceiling is `cores` times the tiles the read processes decoded a core-second after the first batch
     (the trace's decode rate over the CPU sampler's read cores), i.e. measured at the node's speed of the
-    moment. It credits the read tasks with their own per-core costs (planning, the object-store copy), so it
+    moment. (The decode rate's window ends at the last chunk read, the sampler's at the run's end: ~0.4% apart
+    in a 2-minute run.) It credits the read tasks with their own per-core costs (planning, the object-store copy), so it
     is a diagnostic for comparing runs and settings, not the target's ceiling. None without a trace or CPU
     samples (off Linux)."""
     rate = (res.get("startup_breakdown") or {}).get("decode_rate_after_first_batch")
