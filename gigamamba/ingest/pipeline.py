@@ -426,13 +426,21 @@ def read_block_size(tiles: int, input_px: int, chunks_per_block: int = 2):
     Datasets copy the context when created, so the global default is restored on the way out."""
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    default = context.target_max_block_size
-    context.target_max_block_size = chunk_block_bytes(tiles, input_px, chunks_per_block)
+    with _set_for_now(ray.data.DataContext.get_current(), "target_max_block_size",
+                      chunk_block_bytes(tiles, input_px, chunks_per_block)):
+        yield
+
+
+@contextlib.contextmanager
+def _set_for_now(holder, name: str, value):
+    """Inside, `holder.name` is `value` (a Ray Data setting: a context field, a module global, a class attribute);
+    restored on the way out, an error's way included."""
+    default = getattr(holder, name)
+    setattr(holder, name, value)
     try:
         yield
     finally:
-        context.target_max_block_size = default
+        setattr(holder, name, default)
 
 
 def _wait_module():
@@ -489,13 +497,8 @@ def executor_wait(seconds: float | None):
     if value is None:
         yield
         return
-    state = _wait_module()
-    default = state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
-    state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = value
-    try:
+    with _set_for_now(_wait_module(), "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", value):
         yield
-    finally:
-        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = default
 
 
 def _read_memory(tiles: int, input_px: int) -> int:
@@ -617,24 +620,21 @@ def fast_limits_refresh(trace_dir: str | None = None, seconds: float | None = LI
     """Inside, Ray Data (in this process) refreshes its resource limits every `seconds` (None: as Ray Data does);
     restored on the way out. Internal API: when the setting has moved, this only traces and Ray Data runs as it
     would."""
-    if check_seconds("ingest.limits_refresh_s", seconds) is None:
-        yield
-        return
-    try:
-        from ray.data._internal.execution.resource_manager import ResourceManager
+    value = check_seconds("ingest.limits_refresh_s", seconds)
+    manager = None
+    if value is not None:
+        try:
+            from ray.data._internal.execution.resource_manager import ResourceManager
 
-        default = ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
-    except (ImportError, AttributeError) as exc:
-        _trace(trace_dir, "limits_refresh_not_set", error=type(exc).__name__)
-        ResourceManager = None
-    if ResourceManager is None:
+            default = ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
+            manager = ResourceManager
+        except (ImportError, AttributeError) as exc:
+            _trace(trace_dir, "limits_refresh_not_set", error=type(exc).__name__)
+    if manager is None:
         yield
         return
-    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(default, float(seconds))
-    try:
+    with _set_for_now(manager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", min(default, value)):
         yield
-    finally:
-        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = default
 
 
 def _start_ray_data_coordinator(trace_dir: str | None) -> None:
