@@ -2,8 +2,8 @@
 
     python scripts/ray_data_start_probe.py WARM INTERVAL CPUS
         WARM      1: first have CPUS idle workers import what read tasks need (pipeline.warm_read_imports); 0: not
-        INTERVAL  Ray Data's resource-limits refresh in seconds (ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S),
-                  or - for Ray Data's own (1 s in 2.60)
+        INTERVAL  Ray Data's resource-limits refresh in seconds, set as embed_cohort sets it
+                  (pipeline.fast_limits_refresh: at most Ray Data's own), or - for Ray Data's own (1 s in 2.60)
         CPUS      the CPUs Ray is told it has; the read stage runs that many tasks at once
 
 The read tasks only sleep (2 s, four blocks each), so what shows is Ray Data's and Ray's start, not decoding. Prints
@@ -34,19 +34,13 @@ def main(warm: bool, interval: str, cpus: int) -> None:
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     import ray.data
-    from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 
-    from gigamamba.ingest.pipeline import warm_read_imports
+    from gigamamba.ingest.pipeline import _start_ray_data_coordinator, fast_limits_refresh, warm_read_imports
 
-    coordinator = get_or_create_autoscaling_coordinator()  # as embed_cohort starts it, before the dataset runs
-    ray.get(coordinator.get_reserved_resources.remote("probe"))
+    _start_ray_data_coordinator(None)  # as embed_cohort starts it, before the dataset runs
     if warm:
         task = ray.remote(num_cpus=1)(warm_read_imports)
         print("warmed workers:", len(set(ray.get([task.remote() for _ in range(cpus)]))))
-    if interval != "-":
-        from ray.data._internal.execution.resource_manager import ResourceManager
-
-        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = float(interval)
     time.sleep(2)  # let the start-up's own work settle
     log = tempfile.mktemp(suffix=".jsonl")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -54,8 +48,9 @@ def main(warm: bool, interval: str, cpus: int) -> None:
     ds = ds.map_batches(sleepy_read, batch_size=1, batch_format="numpy", num_cpus=1, memory=100 << 20,
                         fn_kwargs={"log": log}, compute=ray.data.TaskPoolStrategy(size=cpus))
     t0 = time.time()
-    for _ in ds.iter_batches(batch_size=None):
-        pass
+    with fast_limits_refresh(seconds=None if interval == "-" else float(interval)):  # as embed_cohort iterates
+        for _ in ds.iter_batches(batch_size=None):
+            pass
     with open(log) as f:
         starts = sorted(json.loads(line)["t"] - t0 for line in f)
     os.unlink(log)
