@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "gpu_actor_cpus": 0,         # Ray CPUs a GPU encoder actor reserves (0: read tasks may take every CPU;
                                      # README, bench ingest)
         "read_cpus": 1,              # Ray CPUs per read task
+        "gpu_wait": "block",         # a GPU encoder actor's thread sleeps while its batch runs ("spin": torch's
+                                     # synchronous copies, a busy core; features/encoders.py, README session 13)
         "chunks_per_block": 2,       # chunks of decoded tiles in a read block (Ray Data's unit to the encoder)
         "executor_wait_s": None,     # Ray Data's per-step wait for finished tasks; None: Ray's own (0.1 s in 2.60;
                                      # pipeline.executor_wait, README)

@@ -80,3 +80,42 @@ def test_meta_probe_accepts_half_precision_weight_files(tmp_path):
     torch.save({k: v.half() for k, v in real.model.state_dict().items()}, path)
     assert create_encoder("test_vit", str(path), 64, device="meta").info() == \
         create_encoder("test_vit", str(path), 64, device="cpu").info()
+
+
+def test_gpu_wait_is_checked(tiles):
+    enc = create_encoder("test_resnet", weights="random", input_px=32, device="cpu")
+    enc.gpu_wait = "sleep"
+    with pytest.raises(ValueError, match="gpu_wait must be one of"):
+        enc.embed(tiles)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_blocking_gpu_wait_gives_the_spin_features_from_concurrent_threads():
+    """The pinned, event-waited path (ingest.gpu_wait: block) against torch's synchronous copies: the same
+    features, also when two threads embed at once as the ingest actor's two calls do, each batch its own (the
+    pinned buffers come from torch's caching host allocator and must not be reused while a copy is in flight)."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (64, 64, 64, 3), dtype=np.uint8) for _ in range(8)]
+    enc = create_encoder("resnet50-trunc", weights="random", input_px=64)
+    assert enc.device.type == "cuda" and enc.gpu_wait == "block"
+    enc.gpu_wait = "spin"
+    want = [enc.embed(b).copy() for b in batches]
+    enc.gpu_wait = "block"
+    got: dict[int, list] = {0: [], 1: []}
+
+    def run(t):
+        for _ in range(3):
+            for k in range(t, len(batches), 2):
+                got[t].append((k, enc.embed(batches[k]).copy()))
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sum(len(v) for v in got.values()) == 3 * len(batches)
+    for k, feats in got[0] + got[1]:
+        np.testing.assert_allclose(feats, want[k], rtol=0, atol=1e-3 * float(np.abs(want[k]).max()))
+    assert not np.allclose(want[0], want[1])  # the batches differ, so a mixed-up buffer would show

@@ -383,7 +383,10 @@ def test_encoder_actors_share_gpus_and_leave_cpus_for_reads():
     gpu_node = Cluster(CPU=16.0, GPU=1.0)
     # by default a GPU actor reserves no CPU: every CPU goes to the reads (the actor needs ~0.55 of a core)
     res = _embed_resources(gpu_node, INGEST_DEFAULTS)
-    assert res == {"size": 1, "num_gpus": 1.0, "num_cpus": 0, "threads": 1}
+    assert res == {"size": 1, "num_gpus": 1.0, "num_cpus": 0, "threads": 1, "gpu_wait": "block"}
+    assert _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_wait": "spin"})["gpu_wait"] == "spin"
+    with pytest.raises(ValueError, match="ingest.gpu_wait must be one of block, spin, got 'sleep'"):
+        _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_wait": "sleep"})
     assert _read_slots(gpu_node, INGEST_DEFAULTS, res) == 16
     one = _embed_resources(gpu_node, {**INGEST_DEFAULTS, "gpu_actor_cpus": 1})
     assert one["num_cpus"] == 1 and _read_slots(gpu_node, INGEST_DEFAULTS, one) == 15

@@ -28,6 +28,7 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GPU_WAITS = ("block", "spin")  # Encoder.gpu_wait
 RANDOM_SEED = 0  # every worker builds the same "random" encoder, so features are comparable across slides
 
 _REGISTRY: dict[str, Callable] = {}
@@ -110,6 +111,13 @@ def _load_state(path: Path) -> dict:
 class Encoder:
     """A tile encoder plus what the store records about it (name, dim, weights, input_px, mean, std)."""
 
+    # How a CUDA batch's host thread waits for the GPU (one of GPU_WAITS; settable per instance, e.g. by the ingest
+    # actor). "block": the tiles go up from, and the features come back to, pinned buffers with asynchronous
+    # copies, and the thread sleeps on a blocking CUDA event until they are back. "spin": torch's plain
+    # synchronous copies, whose thread busy-waits (a full core) for as long as the GPU computes the batch and
+    # any batch queued before it: CPU that the decoding tasks beside the encoder actor could use.
+    gpu_wait = "block"
+
     def __init__(self, name: str, model, weights: str, input_px: int, mean, std, device: str = "cpu",
                  weights_sha256: str | None = None):
         import torch
@@ -142,7 +150,18 @@ class Encoder:
         """tiles uint8 (N, H, W, 3), already at input_px -> features float32 (N, dim)."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
+        blocking = self.device.type == "cuda" and self.gpu_wait == "block"
+        if self.gpu_wait not in GPU_WAITS:
+            raise ValueError(f"encoder gpu_wait must be one of {GPU_WAITS}, got {self.gpu_wait!r}")
+        x = torch.from_numpy(np.ascontiguousarray(tiles))
+        if blocking:
+            # A copy from pageable memory goes through the driver's staging buffer, and the thread waits (busy)
+            # for the stream's earlier work before its last part goes up. A pinned buffer from torch's caching
+            # host allocator (reused only once its copy is done) makes the upload truly asynchronous.
+            staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            staged.copy_(x)
+            x = staged
+        x = x.to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.input_px or x.shape[-2] != self.input_px:
             x = torch.nn.functional.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear",
@@ -153,7 +172,15 @@ class Encoder:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype,
                                                     enabled=self.amp_dtype is not None):
             out = self.model(x)
-        return out.reshape(out.shape[0], -1).float().cpu().numpy()
+        out = out.reshape(out.shape[0], -1).float()
+        if not blocking:
+            return out.cpu().numpy()
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event(blocking=True)  # synchronize() sleeps instead of polling
+        done.record()
+        done.synchronize()
+        return host.numpy()
 
 
 def create_encoder(name: str = "resnet50-trunc", weights: str = "imagenet", input_px: int = 224,

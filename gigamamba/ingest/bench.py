@@ -57,6 +57,9 @@ def configure(parser) -> None:
                         help="Ray CPUs a GPU encoder actor reserves (default 0: reads take every CPU)")
     parser.add_argument("--read-cpus", type=float, default=None,
                         help="Ray CPUs a read task reserves (default 1); below 1 runs more read tasks than cores")
+    parser.add_argument("--gpu-wait", choices=("block", "spin"), default=None,
+                        help="ingest.gpu_wait: the GPU encoder actor's thread sleeps on an event while its batch runs "
+                             "(block, default) or busy-waits in torch's synchronous copies (spin)")
     add_ray_data_settings(parser)
     parser.add_argument("--no-warm-read-workers", action="store_true",
                         help="ingest.warm_read_workers: false (Ray's idle workers do not import the read tasks' "
@@ -188,21 +191,24 @@ def bench_decode(plans, input_px: int, tiles_per_task: int, processes: int, min_
     return best
 
 
-def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -> float:
-    """Tiles/s of the encoder alone on decoded uint8 tiles held in memory (the encoder ceiling)."""
+def bench_encoder(encoder, tiles: np.ndarray, batch_size: int, min_tiles: int) -> tuple[float, float]:
+    """(tiles/s, cores) of the encoder alone on decoded uint8 tiles held in memory: the encoder ceiling, and
+    the CPU this process used meanwhile (its threads' CPU seconds over the wall time: a thread that busy-waits
+    for the GPU counts a whole core)."""
     import torch
 
     sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
     for _ in range(2):
         encoder.embed(tiles[:batch_size])
     sync()
-    n, t0 = 0, time.perf_counter()
+    n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     while n < min_tiles:
         for s in range(0, len(tiles), batch_size):
             encoder.embed(tiles[s : s + batch_size])
             n += len(tiles[s : s + batch_size])
     sync()
-    return n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    return n / wall, (time.process_time() - cpu0) / wall
 
 
 # trace events in startup_breakdown (under their own names); the first occurrence over all processes counts
@@ -328,14 +334,18 @@ def bench_clam(plans, encoder, input_px: int, batch_size: int) -> float:
     """Tiles/s of a single-process loop: per slide, Dataset(read_region) -> DataLoader -> model."""
     from torch.utils.data import DataLoader
 
-    n, t0 = 0, time.perf_counter()
-    for p in plans:
-        loader = DataLoader(_SlideTiles(p, input_px), batch_size=batch_size, num_workers=0,
-                            collate_fn=lambda items: np.stack(items))
-        for batch in loader:
-            encoder.embed(batch)
-            n += len(batch)
-    return n / (time.perf_counter() - t0)
+    wait, encoder.gpu_wait = encoder.gpu_wait, "spin"  # CLAM's own copies: .to(device), the model, .cpu()
+    try:
+        n, t0 = 0, time.perf_counter()
+        for p in plans:
+            loader = DataLoader(_SlideTiles(p, input_px), batch_size=batch_size, num_workers=0,
+                                collate_fn=lambda items: np.stack(items))
+            for batch in loader:
+                encoder.embed(batch)
+                n += len(batch)
+        return n / (time.perf_counter() - t0)
+    finally:
+        encoder.gpu_wait = wait
 
 
 def pipeline_in_fresh_process(job: dict) -> dict:
@@ -399,7 +409,7 @@ def bench_cohort(work: Path, slides: int, unique: int, size_px: int):
 def run(args) -> int:
     import torch
 
-    from gigamamba.features.encoders import create_encoder
+    from gigamamba.features.encoders import GPU_WAITS, Encoder, create_encoder
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
     from gigamamba.spec import resolve_spec
 
@@ -447,9 +457,18 @@ def run(args) -> int:
         if "encoder" not in args.skip:
             sample = _SlideTiles(plans[0], args.input_px)
             tiles = np.stack([sample[k] for k in range(min(len(sample), 2 * batch_size))])
-            rates["encoder_ceiling"] = bench_encoder(encoder, tiles, batch_size, min_tiles=max(8 * batch_size, 256))
+            # both ways of waiting for the GPU, one after the other on the same GPU: the rate, and what a thread
+            # that busy-waits costs in CPU (ingest.gpu_wait); on a CPU there is nothing to wait for
+            per_wait = {}
+            for wait in GPU_WAITS if cuda else (Encoder.gpu_wait,):
+                encoder.gpu_wait = wait
+                rate, cpu = bench_encoder(encoder, tiles, batch_size, min_tiles=max(32 * batch_size, 256))
+                per_wait[wait] = {"tiles_per_s": round(rate, 1), "cores": round(cpu, 3)}
+            encoder.gpu_wait = Encoder.gpu_wait
+            rates["encoder_ceiling"] = max(v["tiles_per_s"] for v in per_wait.values())
+            results["encoder_ceiling_by_gpu_wait"] = per_wait
             results.setdefault("load_avg_1m_at", {})["encoder_ceiling"] = _load()
-            print(f"encoder ceiling: {rates['encoder_ceiling']:.1f} tiles/s", file=sys.stderr)
+            print(f"encoder ceiling: {rates['encoder_ceiling']:.1f} tiles/s (by GPU wait: {per_wait})", file=sys.stderr)
         if "clam" not in args.skip:
             rates["clam_loop"] = bench_clam(plans[: max(1, args.clam_slides)], encoder, args.input_px, batch_size)
             results.setdefault("load_avg_1m_at", {})["clam_loop"] = _load()
@@ -472,6 +491,8 @@ def run(args) -> int:
             ingest["calls_per_actor"] = args.calls_per_actor
         if args.read_cpus is not None:
             ingest["read_cpus"] = args.read_cpus
+        if args.gpu_wait:
+            ingest["gpu_wait"] = args.gpu_wait
         for key in ("chunks_per_block", "executor_wait_s", "limits_refresh_s", "warm_read_workers"):
             ingest[key] = settings[key]
         spec = resolve_spec({"cohort": {"csv": str(cohort_csv)}, "tiling": tiling,

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from gigamamba.cluster.shared_state import check_when_multinode
+from gigamamba.features.encoders import GPU_WAITS
 from gigamamba.features.probe import EncoderProbe
 from gigamamba.features.store import GridStore
 from gigamamba.ingest.plan import SlideJob, SlidePlan, failure, plan_slide, read_slide_jobs, tile_chunks
@@ -218,7 +219,7 @@ PASS_THROUGH = ("slide_id", "i", "j", "error", "plan", "n_tiles", "H", "W")
 class TileEmbedder:
     """Ray Data actor: decoded tiles -> float16 features. One encoder per actor, built once."""
 
-    def __init__(self, encoder: dict, threads: int = 1, trace_dir: str | None = None):
+    def __init__(self, encoder: dict, threads: int = 1, trace_dir: str | None = None, gpu_wait: str = "block"):
         self.trace_dir, self.calls = trace_dir, 0
         _trace(trace_dir, "actor_init_start", **_worker_times())
         # torch only: the default encoder is plain torch, and timm (+5.5 s on a 16-core H100 node: it pulls in
@@ -236,6 +237,7 @@ class TileEmbedder:
         # decoding tasks while the model was built (6.3 s -> 1.0 s on a 16-core H200 node, bench ingest trace).
         torch.set_num_threads(max(1, int(threads)))
         self.encoder = create_encoder(encoder["name"], encoder["weights"], int(encoder["input_px"]))
+        self.encoder.gpu_wait = gpu_wait  # ingest.gpu_wait: on a GPU, sleep (not spin) while a batch runs
         _trace(trace_dir, "actor_model_ready", device=str(self.encoder.device))
 
     TRACED_CALLS = 16  # enough to see how many calls go by before the driver gets its first batch
@@ -365,7 +367,10 @@ def _embed_resources(ray, ingest: dict) -> dict:
         actor_cpus = float(ingest.get("gpu_actor_cpus") or 0)
         if actor_cpus < 0:
             raise ValueError(f"ingest.gpu_actor_cpus must be >= 0, got {actor_cpus}")
-        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": actor_cpus, "threads": 1}
+        wait = ingest.get("gpu_wait", "block")
+        if wait not in GPU_WAITS:
+            raise ValueError(f"ingest.gpu_wait must be one of {', '.join(GPU_WAITS)}, got {wait!r}")
+        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": actor_cpus, "threads": 1, "gpu_wait": wait}
     per = max(1, int(ingest.get("cpus_per_actor") or 1))
     size = int(ingest.get("embed_actors") or max(1, cpus // 4))
     return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": per}
@@ -553,7 +558,8 @@ def _build_dataset(ray, slides: list[dict], ingest: dict, enc: dict, res: dict, 
                                       max_concurrent_calls_per_actor=max(1, int(ingest["calls_per_actor"])))
     ds = ds.map_batches(TileEmbedder, batch_size=int(enc["batch_size"]), batch_format="numpy", compute=pool,
                         num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
-                        fn_constructor_kwargs={"encoder": enc, "threads": res["threads"], "trace_dir": trace_dir})
+                        fn_constructor_kwargs={"encoder": enc, "threads": res["threads"], "trace_dir": trace_dir,
+                                               "gpu_wait": res.get("gpu_wait", "block")})
     return ds
 
 
