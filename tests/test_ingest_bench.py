@@ -24,7 +24,8 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     args = parser.parse_args(["--workdir", str(tmp_path / "w"), "--out", str(out), "--slides", "2",
                               "--size-px", "1536", "--patch-px", "128", "--encoder", "test_resnet",
                               "--input-px", "32", "--tiles-per-task", "8", "--warm-ray-slides", "1",
-                              "--address", address, "--skip", "decode", "--skip", "encoder", "--skip", "clam"])
+                              "--address", address, "--gpu-wait", "spin",
+                              "--skip", "decode", "--skip", "encoder", "--skip", "clam"])
     assert bench.run(args) == 0
     assert TRACE_ENV not in os.environ  # set in the pipeline's process only
     res = json.loads(out.read_text())
@@ -33,6 +34,7 @@ def test_bench_ingest_reports_a_monotone_startup_breakdown(tmp_path, ray_local, 
     # embed_cohort (this process has it imported), so the encoder check took the child-process path
     assert res["pipeline_process"] == "fresh" and res["torch_imported_before_embed"] is False
     assert res["tiles_per_task"] == 8  # the chunk size is recorded: it moves the steady state (README)
+    assert res["ingest"]["gpu_wait"] == "spin"  # the flag reaches the spec the pipeline ran with
     assert res["preload_modules"] is None  # joined a running Ray: its preload is whoever started it
     # every planned tile was embedded, and the rate is those tiles over the measured seconds
     assert res["end_to_end_tiles"] == res["tiles"] > 0

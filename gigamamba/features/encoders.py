@@ -115,7 +115,9 @@ class Encoder:
     # actor). "block": the tiles go up from, and the features come back to, pinned buffers with asynchronous
     # copies, and the thread sleeps on a blocking CUDA event until they are back. "spin": torch's plain
     # synchronous copies, whose thread busy-waits (a full core) for as long as the GPU computes the batch and
-    # any batch queued before it: CPU that the decoding tasks beside the encoder actor could use.
+    # any batch queued before it. With the GPU saturated, "block" ran 15% faster (H100 and H200); in the ingest
+    # pipeline at ~3,000 tiles/s, where the GPU is busy a quarter of the time, neither freed measurable CPU for
+    # the decoding tasks (README, bench ingest, session 13).
     gpu_wait = "block"
 
     def __init__(self, name: str, model, weights: str, input_px: int, mean, std, device: str = "cpu",

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gigamamba.features.encoders import GPU_WAITS
 from gigamamba.spec import DEFAULTS
 
 
@@ -57,7 +58,7 @@ def configure(parser) -> None:
                         help="Ray CPUs a GPU encoder actor reserves (default 0: reads take every CPU)")
     parser.add_argument("--read-cpus", type=float, default=None,
                         help="Ray CPUs a read task reserves (default 1); below 1 runs more read tasks than cores")
-    parser.add_argument("--gpu-wait", choices=("block", "spin"), default=None,
+    parser.add_argument("--gpu-wait", choices=GPU_WAITS, default=None,
                         help="ingest.gpu_wait: the GPU encoder actor's thread sleeps on an event while its batch runs "
                              "(block, default) or busy-waits in torch's synchronous copies (spin)")
     add_ray_data_settings(parser)
@@ -409,7 +410,7 @@ def bench_cohort(work: Path, slides: int, unique: int, size_px: int):
 def run(args) -> int:
     import torch
 
-    from gigamamba.features.encoders import GPU_WAITS, Encoder, create_encoder
+    from gigamamba.features.encoders import Encoder, create_encoder
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
     from gigamamba.spec import resolve_spec
 
