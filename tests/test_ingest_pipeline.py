@@ -505,7 +505,8 @@ def test_bad_ingest_settings_are_refused_before_anything_is_written(cohort, tmp_
                              ("executor_wait_s", "fast", "ingest.executor_wait_s must be"),
                              ("chunks_per_block", 0, "ingest.chunks_per_block must be"),
                              ("limits_refresh_s", 0, "ingest.limits_refresh_s must be"),
-                             ("warm_read_workers", "yes", "ingest.warm_read_workers must be true or false")):
+                             ("warm_read_workers", "yes", "ingest.warm_read_workers must be true or false"),
+                             ("gpu_wait", "sleep", "ingest.gpu_wait must be one of block, spin")):
         spec = _spec(cohort, str(tmp_path / f"{key}-{value}.zarr"))
         spec["ingest"][key] = value
         with pytest.raises(ValueError, match=says):

@@ -367,10 +367,8 @@ def _embed_resources(ray, ingest: dict) -> dict:
         actor_cpus = float(ingest.get("gpu_actor_cpus") or 0)
         if actor_cpus < 0:
             raise ValueError(f"ingest.gpu_actor_cpus must be >= 0, got {actor_cpus}")
-        wait = ingest.get("gpu_wait", "block")
-        if wait not in GPU_WAITS:
-            raise ValueError(f"ingest.gpu_wait must be one of {', '.join(GPU_WAITS)}, got {wait!r}")
-        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": actor_cpus, "threads": 1, "gpu_wait": wait}
+        return {"size": size, "num_gpus": 1.0 / share, "num_cpus": actor_cpus, "threads": 1,
+                "gpu_wait": check_gpu_wait(ingest.get("gpu_wait", "block"))}
     per = max(1, int(ingest.get("cpus_per_actor") or 1))
     size = int(ingest.get("embed_actors") or max(1, cpus // 4))
     return {"size": size, "num_gpus": 0, "num_cpus": per, "threads": per}
@@ -479,9 +477,18 @@ def check_executor_wait(seconds) -> float | None:
     return value
 
 
+def check_gpu_wait(value) -> str:
+    """ingest.gpu_wait, one of GPU_WAITS (features/encoders.py): ValueError naming the key otherwise."""
+    if value not in GPU_WAITS:
+        raise ValueError(f"ingest.gpu_wait must be one of {', '.join(GPU_WAITS)}, got {value!r}")
+    return value
+
+
 def check_ray_data_settings(ingest: dict, input_px: int) -> None:
     """The ingest keys that tune Ray Data (chunks_per_block, executor_wait_s, limits_refresh_s, warm_read_workers),
-    checked before anything starts: ValueError naming the key. embed_cohort and both benches call this."""
+    and the encoder actor's gpu_wait, checked before anything starts (also on a cluster without GPUs, where
+    gpu_wait is not used): ValueError naming the key. embed_cohort and both benches call this."""
+    check_gpu_wait(ingest.get("gpu_wait", "block"))
     check_executor_wait(ingest["executor_wait_s"])
     check_seconds("ingest.limits_refresh_s", ingest["limits_refresh_s"])
     if not isinstance(ingest["warm_read_workers"], bool):
