@@ -335,8 +335,9 @@ def bench_clam(plans, encoder, input_px: int, batch_size: int) -> float:
     """Tiles/s of a single-process loop: per slide, Dataset(read_region) -> DataLoader -> model."""
     from torch.utils.data import DataLoader
 
-    wait, encoder.gpu_wait = encoder.gpu_wait, "spin"  # CLAM's own copies: .to(device), the model, .cpu()
-    try:
+    from gigamamba.ingest.pipeline import _set_for_now
+
+    with _set_for_now(encoder, "gpu_wait", "spin"):  # CLAM's own copies: .to(device), the model, .cpu()
         n, t0 = 0, time.perf_counter()
         for p in plans:
             loader = DataLoader(_SlideTiles(p, input_px), batch_size=batch_size, num_workers=0,
@@ -345,8 +346,6 @@ def bench_clam(plans, encoder, input_px: int, batch_size: int) -> float:
                 encoder.embed(batch)
                 n += len(batch)
         return n / (time.perf_counter() - t0)
-    finally:
-        encoder.gpu_wait = wait
 
 
 def pipeline_in_fresh_process(job: dict) -> dict:
@@ -410,7 +409,8 @@ def bench_cohort(work: Path, slides: int, unique: int, size_px: int):
 def run(args) -> int:
     import torch
 
-    from gigamamba.features.encoders import Encoder, create_encoder
+    from gigamamba.features.encoders import create_encoder
+    from gigamamba.ingest.pipeline import _set_for_now
     from gigamamba.ingest.plan import plan_slide, read_slide_jobs
     from gigamamba.spec import resolve_spec
 
@@ -461,11 +461,10 @@ def run(args) -> int:
             # both ways of waiting for the GPU, one after the other on the same GPU: the rate, and what a thread
             # that busy-waits costs in CPU (ingest.gpu_wait); on a CPU there is nothing to wait for
             per_wait = {}
-            for wait in GPU_WAITS if cuda else (Encoder.gpu_wait,):
-                encoder.gpu_wait = wait
-                rate, cpu = bench_encoder(encoder, tiles, batch_size, min_tiles=max(32 * batch_size, 256))
+            for wait in GPU_WAITS if cuda else (encoder.gpu_wait,):
+                with _set_for_now(encoder, "gpu_wait", wait):
+                    rate, cpu = bench_encoder(encoder, tiles, batch_size, min_tiles=max(32 * batch_size, 256))
                 per_wait[wait] = {"tiles_per_s": round(rate, 1), "cores": round(cpu, 3)}
-            encoder.gpu_wait = Encoder.gpu_wait
             rates["encoder_ceiling"] = max(v["tiles_per_s"] for v in per_wait.values())
             results["encoder_ceiling_by_gpu_wait"] = per_wait
             results.setdefault("load_avg_1m_at", {})["encoder_ceiling"] = _load()

@@ -436,8 +436,8 @@ def read_block_size(tiles: int, input_px: int, chunks_per_block: int = 2):
 
 @contextlib.contextmanager
 def _set_for_now(holder, name: str, value):
-    """Inside, `holder.name` is `value` (a Ray Data setting: a context field, a module global, a class attribute);
-    restored on the way out, an error's way included."""
+    """Inside, `holder.name` is `value` (a Ray Data setting: a context field, a module global, a class attribute;
+    in bench ingest an encoder's gpu_wait); restored on the way out, an error's way included."""
     default = getattr(holder, name)
     setattr(holder, name, value)
     try:
@@ -488,7 +488,7 @@ def check_ray_data_settings(ingest: dict, input_px: int) -> None:
     """The ingest keys that tune Ray Data (chunks_per_block, executor_wait_s, limits_refresh_s, warm_read_workers),
     and the encoder actor's gpu_wait, checked before anything starts (also on a cluster without GPUs, where
     gpu_wait is not used): ValueError naming the key. embed_cohort and both benches call this."""
-    check_gpu_wait(ingest.get("gpu_wait", "block"))
+    check_gpu_wait(ingest["gpu_wait"])
     check_executor_wait(ingest["executor_wait_s"])
     check_seconds("ingest.limits_refresh_s", ingest["limits_refresh_s"])
     if not isinstance(ingest["warm_read_workers"], bool):
